@@ -1,0 +1,5 @@
+import sys
+
+from .final import main
+
+sys.exit(main())

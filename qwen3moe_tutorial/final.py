@@ -1,0 +1,153 @@
+"""The runnable reference: `python -m qwen3moe_tutorial.final` (CLI and JSON contract: design.md section 6).
+
+- Loads a Hugging Face Qwen3-MoE checkpoint (or the embedded default), builds the ladder up to
+  `--upto`, generates greedily, prints the text, and writes a result record with provenance.
+- Bad input (unknown step, missing checkpoint, corrupt file, mismatched config) ends with one
+  line on stderr and exit status 2, never a deep traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform as _platform
+import subprocess
+import sys
+
+import torch
+
+from . import platform
+from .config import ConfigError, ModelConfig
+from .generate import greedy_generate
+from .steps import STEP_NAMES, build_runner, recipe_upto
+from .weights import CheckpointError, default_checkpoint
+
+DEFAULT_PROMPT = "The Ascend NPU decodes one token at a time."
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODEL_PATH_ENV = "QWEN3MOE_MODEL_PATH"    # the notebooks read a real checkpoint from here
+
+
+class UsageError(ValueError):
+    """An argument combination that cannot run."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m qwen3moe_tutorial.final",
+        description="Greedy batch-1 generation with Qwen3-MoE, up to a chosen step of the optimization ladder.")
+    p.add_argument("--model-path", help="Hugging Face checkpoint directory (default: the embedded tiny "
+                   "checkpoint, generated on first use)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (default: %(default)r)")
+    p.add_argument("--prompt-ids", help="comma-separated prompt token ids instead of --prompt "
+                   "(for checkpoints without tokenizer files)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--max-seq-len", type=int, default=512,
+                   help="KV-cache capacity in positions; prompt + new tokens must fit (default: %(default)s)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default: %(default)s)")
+    p.add_argument("--upto", choices=STEP_NAMES, default=STEP_NAMES[-1],
+                   help="last step of the ladder to enable (default: all, %(default)s)")
+    p.add_argument("--device", choices=("auto", *platform.DEVICE_KINDS), default="auto")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--json", metavar="FILE", help="write the result record to FILE")
+    p.add_argument("--profile", metavar="DIR", help="write a profiler trace per rank to DIR")
+    p.add_argument("--compile-cache", metavar="DIR", help="compiled-graph cache directory (graph steps)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
+    args = p.parse_args(argv)
+    for name in ("max_new_tokens", "max_seq_len", "tp"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for flag, value in (("--profile", args.profile), ("--compile-cache", args.compile_cache)):
+        if value:   # accepted by the contract, implemented by later chapters: refuse rather than ignore
+            p.error(f"{flag} is not available in this version of the package")
+    return args
+
+
+def encode_prompt(args, model_path: str) -> tuple[list[int], object]:
+    """Prompt token ids, and the tokenizer (None when ids were given and no tokenizer exists)."""
+    tokenizer = None
+    has_tokenizer = any(os.path.isfile(os.path.join(model_path, f))
+                        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+    if has_tokenizer:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if args.prompt_ids:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise UsageError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+        return ids, tokenizer
+    if tokenizer is None:
+        raise UsageError(f"{model_path} has no tokenizer files (tokenizer.json); pass --prompt-ids instead")
+    return tokenizer(args.prompt)["input_ids"], tokenizer
+
+
+def git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Everything after argument parsing; returns the result record."""
+    model_path = args.model_path or default_checkpoint()
+    device_kind = platform.detect_device(args.device)
+    device = platform.torch_device(device_kind)
+    dtype = DTYPES[args.dtype]
+    prompt_ids, tokenizer = encode_prompt(args, model_path)
+    vocab = ModelConfig.from_pretrained(model_path).vocab_size
+    if any(not 0 <= i < vocab for i in prompt_ids):
+        raise UsageError(f"prompt token ids must lie in [0, {vocab}); got {prompt_ids}")
+    if len(prompt_ids) + args.max_new_tokens > args.max_seq_len:
+        raise UsageError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) "
+                         f"exceeds the KV-cache capacity --max-seq-len ({args.max_seq_len})")
+    if args.tp != 1:
+        raise UsageError(f"--tp {args.tp}: tensor parallelism is not available in this version; use --tp 1")
+    recipe = recipe_upto(args.upto)
+    runner = build_runner(recipe, model_path, dtype=dtype, device=device, max_len=args.max_seq_len)
+    eos = None if args.ignore_eos else getattr(tokenizer, "eos_token_id", None)
+    gen = greedy_generate(runner, prompt_ids, args.max_new_tokens, device_kind, eos_token_id=eos, device=device)
+    text = tokenizer.decode(gen.token_ids) if tokenizer is not None else None
+    return {
+        "token_ids": gen.token_ids, "text": text, "prompt": None if args.prompt_ids else args.prompt,
+        "prompt_token_ids": gen.prompt_token_ids,
+        "prefill_ms": gen.prefill_ms, "decode_ms_per_token": gen.decode_ms_per_token,
+        "decode_ms": gen.decode_ms, "first_decode_ms": gen.first_decode_ms, "compile_s": gen.compile_s,
+        "steps": list(recipe.steps), "upto": args.upto, "engine": recipe.engine,
+        "world_size": args.tp, "tp": args.tp, "devices": args.tp if device_kind != "cpu" else 0,
+        "cards": None, "device": device_kind, "dtype": args.dtype,
+        "model_path": os.path.abspath(model_path),
+        "max_new_tokens": args.max_new_tokens, "max_seq_len": args.max_seq_len,
+        "env": platform.relevant_env(), "versions": platform.versions(), "commit": git_commit(),
+        "host": {"hostname": _platform.node(), "machine": _platform.machine(), "cpus": os.cpu_count(),
+                 "torch_threads": torch.get_num_threads()},
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (UsageError, ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(result["text"] if result["text"] is not None else result["token_ids"])
+    ms = result["decode_ms_per_token"]
+    print(f"[{result['upto']}] {result['device']} {result['dtype']} tp={result['tp']}: "
+          f"prefill {result['prefill_ms']:.1f} ms, decode "
+          f"{'n/a' if ms is None else f'{ms:.2f} ms/token'} ({len(result['token_ids'])} tokens)", file=sys.stderr)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

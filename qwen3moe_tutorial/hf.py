@@ -1,0 +1,45 @@
+"""The `hf_baseline` step: transformers' own Qwen3MoeForCausalLM, as a user would run it.
+
+- Experts run through transformers' naive per-expert loop (`experts_implementation="eager"`).
+- A DynamicCache and one forward per token: what `model.generate` does, minus sampling logic,
+  so it can be timed step by step under the same protocol as our model.
+- Single device only; this is the yardstick, not something we optimise.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def load_hf_model(model_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  experts_implementation: str = "eager"):
+    """transformers' Qwen3MoeForCausalLM from a checkpoint directory, in eval mode."""
+    from transformers import Qwen3MoeForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    model = Qwen3MoeForCausalLM.from_pretrained(model_path, dtype=dtype,
+                                                experts_implementation=experts_implementation)
+    logging.enable_progress_bar()
+    return model.to(device).eval()
+
+
+class HFRunner:
+    """Runner protocol (see generate.py) over a transformers model and its DynamicCache."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = None
+        self.compile_s = 0.0
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()                                   # [B, V]
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        out = self.model(input_ids=ids, cache=self.cache, use_cache=True)
+        return out.logits[:, -1].float()                                   # [B, V]

@@ -1,0 +1,116 @@
+"""Device and backend detection: which accelerator is here, how to synchronise it, how to time.
+
+- One place decides "npu", "cuda" or "cpu"; everything else asks this module.
+- torch_npu is imported only when asked for and only if it is installed; a CPU box never needs it.
+- Not a device abstraction layer: code that differs per device lives in ops/ and compile.py.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import time
+
+import torch
+
+DEVICE_KINDS = ("npu", "cuda", "cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def torch_npu_module():
+    """Return the imported torch_npu module, or None if it is not installed or cannot load."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return None
+    try:
+        import torch_npu  # noqa: F401  (registers torch.npu and torch.ops.npu)
+    except Exception:  # installed but the CANN runtime is missing or broken
+        return None
+    return torch_npu
+
+
+def npu_available() -> bool:
+    """True when torch_npu imports and at least one Ascend device is visible."""
+    mod = torch_npu_module()
+    return mod is not None and hasattr(torch, "npu") and torch.npu.is_available()
+
+
+def detect_device(requested: str = "auto") -> str:
+    """Resolve "auto" to the best device kind here; check an explicit request is possible."""
+    if requested not in ("auto", *DEVICE_KINDS):
+        raise ValueError(f"device must be one of auto, npu, cuda, cpu; got {requested!r}")
+    if requested == "auto":
+        if npu_available():
+            return "npu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "npu" and not npu_available():
+        raise RuntimeError("--device npu was requested but torch_npu is not installed or sees no NPU "
+                           "(install requirements-npu.txt and source CANN's set_env.sh)")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but torch sees no CUDA device")
+    return requested
+
+
+def torch_device(kind: str, local_rank: int = 0) -> torch.device:
+    """The torch.device for this process: one accelerator per rank, the CPU otherwise."""
+    return torch.device("cpu") if kind == "cpu" else torch.device(kind, local_rank)
+
+
+def dist_backend(kind: str) -> str:
+    """torch.distributed backend for a device kind: HCCL on NPU, NCCL on CUDA, gloo on CPU."""
+    return {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}[kind]
+
+
+def synchronize(kind: str) -> None:
+    """Wait for queued device work; every timer read is preceded by this (timing protocol)."""
+    if kind == "npu":
+        torch.npu.synchronize()
+    elif kind == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_count(kind: str) -> int:
+    if kind == "npu":
+        return torch.npu.device_count()
+    if kind == "cuda":
+        return torch.cuda.device_count()
+    return 1
+
+
+def now_ms(kind: str) -> float:
+    """Milliseconds on a monotonic clock, after synchronising the device."""
+    synchronize(kind)
+    return time.perf_counter() * 1e3
+
+
+def versions() -> dict:
+    """Versions that a result record must name (timing protocol, design.md section 7)."""
+    import transformers
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__,
+           "python": ".".join(map(str, __import__("sys").version_info[:3]))}
+    npu = torch_npu_module()
+    out["torch_npu"] = getattr(npu, "__version__", None) if npu else None
+    out["cann"] = os.environ.get("ASCEND_TOOLKIT_HOME") and _cann_version()
+    out["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+    return out
+
+
+def _cann_version() -> str | None:
+    home = os.environ.get("ASCEND_TOOLKIT_HOME", "")
+    for name in ("version.cfg", "ascend_toolkit_install.info"):
+        path = os.path.join(home, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    if "version" in line.lower() and "=" in line:
+                        return line.split("=", 1)[1].strip()
+    return None
+
+
+ENV_PREFIXES = ("HCCL_", "TASK_QUEUE", "PYTORCH_NPU", "ASCEND_", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                "TORCHINDUCTOR_", "NCCL_", "CUDA_VISIBLE", "MASTER_", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
+def relevant_env() -> dict:
+    """The environment variables that change performance or placement, as recorded in results."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)}

@@ -99,8 +99,8 @@ def run(args: argparse.Namespace) -> dict:
     device_kind = platform.detect_device(args.device)
     device = platform.torch_device(device_kind)
     dtype = DTYPES[args.dtype]
+    vocab = ModelConfig.from_pretrained(model_path).vocab_size      # fails first, and clearly
     prompt_ids, tokenizer = encode_prompt(args, model_path)
-    vocab = ModelConfig.from_pretrained(model_path).vocab_size
     if any(not 0 <= i < vocab for i in prompt_ids):
         raise UsageError(f"prompt token ids must lie in [0, {vocab}); got {prompt_ids}")
     if len(prompt_ids) + args.max_new_tokens > args.max_seq_len:

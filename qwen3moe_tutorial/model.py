@@ -88,7 +88,8 @@ class LMHead(nn.Module):
         self.cfg, self.tp = cfg, tp
 
     def load(self, ckpt: Checkpoint, dtype: torch.dtype):
-        name = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
+        tied = self.cfg.tie_word_embeddings and "lm_head.weight" not in ckpt.weight_map   # as HF decides
+        name = "model.embed_tokens.weight" if tied else "lm_head.weight"
         self.weight = nn.Parameter(ckpt.get(name, dtype), requires_grad=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

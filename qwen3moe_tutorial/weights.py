@@ -62,8 +62,8 @@ class Checkpoint:
         if not os.path.isdir(self.dir):
             raise CheckpointError(f"model directory {self.dir!r} does not exist")
         self.config = config or ModelConfig.from_pretrained(self.dir)
+        self._handles: dict[str, object] = {}       # file name -> open safetensors handle
         self.weight_map = self._weight_map()        # tensor name -> file name
-        self._handles: dict[str, object] = {}
         self.bytes_read = 0
 
     def _weight_map(self) -> dict[str, str]:
@@ -237,9 +237,12 @@ def make_tiny_checkpoint(out_dir: str, preset_name: str | ModelConfig = "tiny", 
         model = Qwen3MoeForCausalLM(hf_config)
     model = model.to_empty(device="cpu")
     _init_weights(model, seed)
-    n_text = len(tokenizer) - len(SPECIAL_TOKENS)
-    with torch.no_grad():   # special and padding rows: near-silent logits, as in a trained model
-        model.lm_head.weight[n_text:] *= 0.05
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    else:
+        n_text = len(tokenizer) - len(SPECIAL_TOKENS)
+        with torch.no_grad():   # special and padding rows: near-silent logits, as in a trained model
+            model.lm_head.weight[n_text:] *= 0.05
     model = model.to(dtype)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)

@@ -1,0 +1,93 @@
+"""The CLI contract (design.md section 6) and its errors, against an independent HF `generate`."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qwen3moe_tutorial import final
+from qwen3moe_tutorial.hf import load_hf_model
+
+CONTRACT_FIELDS = {"token_ids", "text", "prompt_token_ids", "prefill_ms", "decode_ms_per_token", "decode_ms",
+                   "compile_s", "steps", "world_size", "device", "dtype", "env", "versions"}
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "qwen3moe_tutorial.final", *args], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_cli_default_checkpoint_reference_equals_hf_baseline(tmp_path):
+    env = {"QWEN3MOE_TUTORIAL_CACHE": str(tmp_path / "cache")}
+    out = {}
+    for step in ("hf_baseline", "reference"):
+        p = run_cli("--upto", step, "--max-new-tokens", "12", "--json", str(tmp_path / f"{step}.json"), env=env)
+        assert p.returncode == 0, p.stderr
+        out[step] = json.load(open(tmp_path / f"{step}.json"))
+        assert p.stdout.strip() == out[step]["text"].strip()
+    ref = out["reference"]
+    assert CONTRACT_FIELDS <= set(ref)
+    assert ref["token_ids"] == out["hf_baseline"]["token_ids"] and len(ref["token_ids"]) == 12
+    assert ref["steps"] == ["hf_baseline", "reference"] and out["hf_baseline"]["steps"] == ["hf_baseline"]
+    assert ref["world_size"] == 1 and ref["device"] == "cpu" and ref["dtype"] == "float32"
+    assert len(ref["decode_ms"]) == 11 and ref["decode_ms_per_token"] > 0 and ref["versions"]["torch"]
+
+
+def test_final_matches_independent_hf_generate(tmp_path, other_ckpt, capsys):
+    assert final.main(["--model-path", other_ckpt, "--upto", "reference", "--max-new-tokens", "20",
+                       "--prompt", "Tensor parallelism splits every matrix", "--json", str(tmp_path / "r.json")]) == 0
+    ours = json.load(open(tmp_path / "r.json"))
+    model = load_hf_model(other_ckpt)
+    ids = torch.tensor([ours["prompt_token_ids"]])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+    assert ours["token_ids"] == ref[0, ids.shape[1]:].tolist()
+
+
+def one_line_error(capsys, argv, *words):
+    code = final.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, tiny_ckpt, capsys):
+    one_line_error(capsys, ["--model-path", str(tmp_path / "missing")], "does not exist")
+    corrupt = shutil.copytree(tiny_ckpt, tmp_path / "corrupt")
+    with open(corrupt / "model-00002-of-00003.safetensors", "r+b") as f:
+        f.write(b"\x00" * 8)
+    one_line_error(capsys, ["--model-path", str(corrupt)], "corrupt")
+    mismatch = shutil.copytree(tiny_ckpt, tmp_path / "mismatch")
+    cfg = json.load(open(mismatch / "config.json"))
+    json.dump({**cfg, "hidden_size": 64}, open(mismatch / "config.json", "w"))
+    one_line_error(capsys, ["--model-path", str(mismatch)], "does not match the weights")
+    one_line_error(capsys, ["--model-path", tiny_ckpt, "--max-seq-len", "16", "--max-new-tokens", "10"],
+                   "exceeds the KV-cache capacity")
+    one_line_error(capsys, ["--model-path", tiny_ckpt, "--prompt-ids", "1,2,x"], "comma-separated integers")
+    one_line_error(capsys, ["--model-path", tiny_ckpt, "--prompt-ids", "1,5000"], "[0, 1024)")
+    one_line_error(capsys, ["--model-path", tiny_ckpt, "--tp", "2"], "--tp 2")
+    notok = shutil.copytree(tiny_ckpt, tmp_path / "notok")
+    os.remove(notok / "tokenizer.json"), os.remove(notok / "tokenizer_config.json")
+    one_line_error(capsys, ["--model-path", str(notok)], "--prompt-ids")
+    assert final.main(["--model-path", str(notok), "--prompt-ids", "3,4,5", "--max-new-tokens", "3"]) == 0
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--upto", "warp_drive"], "invalid choice: 'warp_drive'"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--dtype", "float16"], "invalid choice: 'float16'"),
+    (["--profile", "/tmp/x"], "--profile is not available"),
+])
+def test_bad_arguments_print_usage(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        final.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage:") and words in err
+
+
+def test_cli_bad_input_exits_cleanly(tmp_path):
+    p = run_cli("--model-path", str(tmp_path / "missing"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "does not exist" in p.stderr

@@ -25,7 +25,6 @@ from .weights import CheckpointError, default_checkpoint
 
 DEFAULT_PROMPT = "The Ascend NPU decodes one token at a time."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-MODEL_PATH_ENV = "QWEN3MOE_MODEL_PATH"    # the notebooks read a real checkpoint from here
 
 
 class UsageError(ValueError):

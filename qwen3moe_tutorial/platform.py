@@ -114,3 +114,18 @@ ENV_PREFIXES = ("HCCL_", "TASK_QUEUE", "PYTORCH_NPU", "ASCEND_", "OMP_NUM_THREAD
 def relevant_env() -> dict:
     """The environment variables that change performance or placement, as recorded in results."""
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)}
+
+
+def describe(kind: str | None = None) -> str:
+    """One line naming the hardware and software that produced a notebook's outputs."""
+    import platform as _p
+
+    kind = kind or detect_device()
+    v = versions()
+    if kind == "npu":
+        what = f"NPU {torch.npu.get_device_name(0)} x{device_count(kind)}, torch_npu {v['torch_npu']}, CANN {v['cann']}"
+    elif kind == "cuda":
+        what = f"GPU {torch.cuda.get_device_name(0)} x{device_count(kind)}"
+    else:
+        what = f"CPU ({_p.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads), reference kernels"
+    return f"{what}; torch {v['torch']}, transformers {v['transformers']}"

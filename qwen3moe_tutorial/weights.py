@@ -289,6 +289,15 @@ def default_checkpoint() -> str:
     return generated_checkpoint(DEFAULT_PRESET, DEFAULT_SEED)
 
 
+MODEL_PATH_ENV = "QWEN3MOE_MODEL_PATH"
+
+
+def book_checkpoint() -> str:
+    """The checkpoint the notebooks use: $QWEN3MOE_MODEL_PATH (a real model on an A3 node), else
+    the embedded default."""
+    return os.environ.get(MODEL_PATH_ENV) or default_checkpoint()
+
+
 def tensor_digest(ckpt: Checkpoint) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes: identifies a checkpoint's content."""
     h = hashlib.sha256()

@@ -17,10 +17,9 @@ import sys
 
 import torch
 
-from . import platform
+from . import parallel, platform
 from .config import ConfigError, ModelConfig
-from .generate import greedy_generate
-from .steps import STEP_NAMES, build_runner, recipe_upto
+from .steps import STEP_NAMES, check_parallel, generate_on_rank, recipe_upto
 from .weights import CheckpointError, default_checkpoint
 
 DEFAULT_PROMPT = "The Ascend NPU decodes one token at a time."
@@ -92,35 +91,39 @@ def git_commit() -> str | None:
     return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Everything after argument parsing; returns the result record."""
+def run(args: argparse.Namespace) -> dict | None:
+    """Everything after argument parsing; returns the result record (None on torchrun ranks > 0)."""
     model_path = args.model_path or default_checkpoint()
     device_kind = platform.detect_device(args.device)
-    device = platform.torch_device(device_kind)
-    dtype = DTYPES[args.dtype]
-    vocab = ModelConfig.from_pretrained(model_path).vocab_size      # fails first, and clearly
+    cfg = ModelConfig.from_pretrained(model_path)                      # fails first, and clearly
     prompt_ids, tokenizer = encode_prompt(args, model_path)
-    if any(not 0 <= i < vocab for i in prompt_ids):
-        raise UsageError(f"prompt token ids must lie in [0, {vocab}); got {prompt_ids}")
+    if any(not 0 <= i < cfg.vocab_size for i in prompt_ids):
+        raise UsageError(f"prompt token ids must lie in [0, {cfg.vocab_size}); got {prompt_ids}")
     if len(prompt_ids) + args.max_new_tokens > args.max_seq_len:
         raise UsageError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) "
                          f"exceeds the KV-cache capacity --max-seq-len ({args.max_seq_len})")
-    if args.tp != 1:
-        raise UsageError(f"--tp {args.tp}: tensor parallelism is not available in this version; use --tp 1")
+    if args.max_seq_len > cfg.max_position_embeddings:
+        raise UsageError(f"--max-seq-len {args.max_seq_len} exceeds the model's max_position_embeddings "
+                         f"({cfg.max_position_embeddings})")
     recipe = recipe_upto(args.upto)
-    runner = build_runner(recipe, model_path, dtype=dtype, device=device, max_len=args.max_seq_len)
-    eos = None if args.ignore_eos else getattr(tokenizer, "eos_token_id", None)
-    gen = greedy_generate(runner, prompt_ids, args.max_new_tokens, device_kind, eos_token_id=eos, device=device)
-    text = tokenizer.decode(gen.token_ids) if tokenizer is not None else None
+    check_parallel(recipe, cfg, args.tp)
+    job = {"model_path": model_path, "upto": args.upto, "dtype": DTYPES[args.dtype], "device_kind": device_kind,
+           "max_len": args.max_seq_len, "prompt_ids": prompt_ids, "max_new_tokens": args.max_new_tokens,
+           "eos_token_id": None if args.ignore_eos else getattr(tokenizer, "eos_token_id", None)}
+    gen = parallel.run_on_ranks(generate_on_rank, args.tp, (job,), device_kind)
+    if gen is None:                                  # torchrun rank > 0: rank 0 reports
+        return None
+    devices = args.tp if device_kind != "cpu" else 0
     return {
-        "token_ids": gen.token_ids, "text": text, "prompt": None if args.prompt_ids else args.prompt,
-        "prompt_token_ids": gen.prompt_token_ids,
-        "prefill_ms": gen.prefill_ms, "decode_ms_per_token": gen.decode_ms_per_token,
-        "decode_ms": gen.decode_ms, "first_decode_ms": gen.first_decode_ms, "compile_s": gen.compile_s,
+        "token_ids": gen["token_ids"], "text": tokenizer.decode(gen["token_ids"]) if tokenizer else None,
+        "prompt": None if args.prompt_ids else args.prompt, "prompt_token_ids": prompt_ids,
+        **{k: gen[k] for k in ("prefill_ms", "decode_ms_per_token", "decode_ms", "first_decode_ms",
+                               "compile_s", "bytes_read_per_rank")},
         "steps": list(recipe.steps), "upto": args.upto, "engine": recipe.engine,
-        "world_size": args.tp, "tp": args.tp, "devices": args.tp if device_kind != "cpu" else 0,
-        "cards": None, "device": device_kind, "dtype": args.dtype,
-        "model_path": os.path.abspath(model_path),
+        "world_size": args.tp, "tp": args.tp, "devices": devices,
+        "cards": devices / 2 if device_kind == "npu" else None,        # an A3 card holds 2 dies
+        "launcher": "torchrun" if parallel.launched_by_torchrun() else ("spawn" if args.tp > 1 else "single"),
+        "device": device_kind, "dtype": args.dtype, "model_path": os.path.abspath(model_path),
         "max_new_tokens": args.max_new_tokens, "max_seq_len": args.max_seq_len,
         "env": platform.relevant_env(), "versions": platform.versions(), "commit": git_commit(),
         "host": {"hostname": _platform.node(), "machine": _platform.machine(), "cpus": os.cpu_count(),
@@ -131,11 +134,21 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet = int(os.environ.get("RANK", "0")) != 0            # torchrun: only rank 0 speaks
     try:
         result = run(args)
-    except (UsageError, ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UsageError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        if not quiet:
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    except (parallel.RankError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    if result is None:
+        return 0
     print(result["text"] if result["text"] is not None else result["token_ids"])
     ms = result["decode_ms_per_token"]
     print(f"[{result['upto']}] {result['device']} {result['dtype']} tp={result['tp']}: "

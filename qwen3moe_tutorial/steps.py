@@ -8,11 +8,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from . import tp
 from .model import Parts, Qwen3MoeModel
 from .parallel import TP
 
@@ -44,11 +46,33 @@ def reference(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, engine="ours", parts=Parts())
 
 
+def attention_tp(recipe: Recipe) -> Recipe:
+    """Heads split over ranks (o_proj all-reduce); embedding and lm_head split over the vocabulary."""
+    parts = dataclasses.replace(recipe.parts, attention=tp.AttentionTP, embedding=tp.VocabParallelEmbedding,
+                                lm_head=tp.VocabParallelLMHead)
+    return dataclasses.replace(recipe, parts=parts)
+
+
+def merged_qkv(recipe: Recipe) -> Recipe:
+    """q, k and v projections of a rank merged into one matmul."""
+    return dataclasses.replace(recipe, parts=dataclasses.replace(recipe.parts, attention=tp.AttentionMergedQKV))
+
+
+def moe_tp_w13_swiglu(recipe: Recipe) -> Recipe:
+    """Every expert split along its intermediate dim, gate+up merged into w13, swiglu, all-reduce."""
+    return dataclasses.replace(recipe, parts=dataclasses.replace(recipe.parts, moe=tp.MoETPW13))
+
+
 STEPS: tuple[Step, ...] = (
     Step("hf_baseline", "01_hf_baseline", "transformers Qwen3MoeForCausalLM, naive per-expert loop, no TP",
          hf_baseline),
     Step("reference", "02_reference_model", "our readable single-device model, static KV cache, "
          "prefill/decode split", reference),
+    Step("attention_tp", "03_attention_tp", "attention heads split over ranks, o_proj all-reduce, "
+         "vocab-parallel embedding and lm_head", attention_tp),
+    Step("merged_qkv", "04_merged_qkv", "q/k/v projections merged into one matmul per rank", merged_qkv),
+    Step("moe_tp_w13_swiglu", "05_moe_tp_w13_swiglu", "experts split over ranks, gate+up merged into w13, "
+         "swiglu op, all-reduce", moe_tp_w13_swiglu),
 )
 STEP_NAMES: tuple[str, ...] = tuple(s.name for s in STEPS)
 
@@ -69,19 +93,53 @@ def recipe_upto(name: str | None = None) -> Recipe:
     return recipe
 
 
+def check_parallel(recipe: Recipe, cfg, size: int) -> None:
+    """Reject a TP size this recipe and config cannot run, before any process starts."""
+    if size == 1:
+        return
+    if "attention_tp" not in recipe.steps:
+        raise ValueError(f"--tp {size} needs tensor parallelism, which starts at the attention_tp step; "
+                         f"'{recipe.steps[-1]}' runs on one device (use --tp 1 or --upto attention_tp or later)")
+    for rank in range(size):
+        tp.head_plan(cfg, TP(rank, size))
+    TP(0, size).split(cfg.vocab_size, "vocab_size")
+    if "moe_tp_w13_swiglu" in recipe.steps:
+        TP(0, size).split(cfg.moe_intermediate_size, "moe_intermediate_size")
+
+
 def build_runner(recipe: Recipe, model_path: str, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", tp: TP = TP(), max_len: int = 512):
+                 device: torch.device | str = "cpu", tp_ctx: TP = TP(), max_len: int = 512):
     """Load the checkpoint into the recipe's engine; return a runner (generate.py protocol)."""
     from .generate import ModelRunner
     from .hf import HFRunner, load_hf_model
     from .weights import Checkpoint
 
-    if recipe.engine == "hf":
-        if tp.size != 1:
-            raise ValueError("hf_baseline runs on one device; use --tp 1 (tensor parallelism starts at "
-                             "the attention_tp step)")
-        Checkpoint(model_path).validate()          # the same clear errors as our loader
-        return HFRunner(load_hf_model(model_path, dtype=dtype, device=device))
     ckpt = Checkpoint(model_path)
-    model = Qwen3MoeModel(ckpt.config, recipe.parts, tp, max_len=max_len, dtype=dtype).load(ckpt)
-    return ModelRunner(model.to(device))
+    check_parallel(recipe, ckpt.config, tp_ctx.size)
+    if recipe.engine == "hf":
+        ckpt.validate()                            # the same clear errors as our loader
+        return HFRunner(load_hf_model(model_path, dtype=dtype, device=device))
+    model = Qwen3MoeModel(ckpt.config, recipe.parts, tp_ctx, max_len=max_len, dtype=dtype).load(ckpt)
+    runner = ModelRunner(model.to(device))
+    runner.bytes_read = ckpt.bytes_read
+    return runner
+
+
+def generate_on_rank(tp_ctx: TP, job: dict) -> dict:
+    """One rank's share of a generation job (run by parallel.run_on_ranks): load this rank's
+    slices, generate greedily, and return the generation with every rank's checkpoint bytes."""
+    import torch.distributed as dist
+
+    from . import platform
+    from .generate import greedy_generate
+
+    device = platform.torch_device(job["device_kind"], int(os.environ.get("LOCAL_RANK", tp_ctx.rank)))
+    runner = build_runner(recipe_upto(job["upto"]), job["model_path"], dtype=job["dtype"], device=device,
+                          tp_ctx=tp_ctx, max_len=job["max_len"])
+    gen = greedy_generate(runner, job["prompt_ids"], job["max_new_tokens"], job["device_kind"],
+                          eos_token_id=job["eos_token_id"], device=device)
+    bytes_read = [getattr(runner, "bytes_read", None)]
+    if tp_ctx.size > 1:
+        bytes_read = [None] * tp_ctx.size
+        dist.all_gather_object(bytes_read, getattr(runner, "bytes_read", None))
+    return {**gen.to_dict(), "bytes_read_per_rank": bytes_read}

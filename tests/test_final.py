@@ -32,6 +32,7 @@ def test_cli_default_checkpoint_reference_equals_hf_baseline(tmp_path):
     assert CONTRACT_FIELDS <= set(ref)
     assert ref["token_ids"] == out["hf_baseline"]["token_ids"] and len(ref["token_ids"]) == 12
     assert ref["steps"] == ["hf_baseline", "reference"] and out["hf_baseline"]["steps"] == ["hf_baseline"]
+    assert ref["bytes_read_per_rank"][0] > 0 and ref["launcher"] == "single"
     assert ref["world_size"] == 1 and ref["device"] == "cpu" and ref["dtype"] == "float32"
     assert len(ref["decode_ms"]) == 11 and ref["decode_ms_per_token"] > 0 and ref["versions"]["torch"]
 
@@ -68,7 +69,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_ckpt, capsys):
                    "exceeds the KV-cache capacity")
     one_line_error(capsys, ["--model-path", tiny_ckpt, "--prompt-ids", "1,2,x"], "comma-separated integers")
     one_line_error(capsys, ["--model-path", tiny_ckpt, "--prompt-ids", "1,5000"], "[0, 1024)")
-    one_line_error(capsys, ["--model-path", tiny_ckpt, "--tp", "2"], "--tp 2")
+    one_line_error(capsys, ["--model-path", tiny_ckpt, "--tp", "2", "--upto", "reference"],
+                   "starts at the attention_tp step")
+    one_line_error(capsys, ["--model-path", tiny_ckpt, "--tp", "3"], "num_attention_heads (8) is not divisible")
+    one_line_error(capsys, ["--model-path", tiny_ckpt, "--max-seq-len", "2048"], "max_position_embeddings")
     notok = shutil.copytree(tiny_ckpt, tmp_path / "notok")
     os.remove(notok / "tokenizer.json"), os.remove(notok / "tokenizer_config.json")
     one_line_error(capsys, ["--model-path", str(notok)], "--prompt-ids")

@@ -84,4 +84,4 @@ class ModelRunner:
         if pos >= self.model.max_len:
             raise ValueError(f"position {pos} is past the KV cache ({self.model.max_len} positions); "
                              f"use a shorter prompt or fewer new tokens")
-        return self.model.decode(ids, torch.tensor([pos], device=ids.device))
+        return self.model.decode(ids, torch.tensor([pos], device=ids.device), pos + 1)

@@ -121,7 +121,8 @@ class Attention(nn.Module):
         v = F.linear(x, self.v_proj).view(B, S, self.n_kv, self.D)             # [B, S, Nkv, D]
         return q, k, v
 
-    def forward(self, x, rope, input_pos, k_cache, v_cache):
+    def forward(self, x, rope, input_pos, kv_len, k_cache, v_cache):
+        """x [B, S, H] at positions input_pos [S]; kv_len (int) = cache positions valid afterwards."""
         B, S, _ = x.shape
         q, k, v = self.project_qkv(x)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -202,26 +203,16 @@ class DecoderLayer(nn.Module):
         self.post_norm.load(ckpt, prefix + "post_attention_layernorm.weight", dtype)
         self.moe.load(ckpt, prefix + "mlp.", dtype)
 
-    def forward(self, x, rope, input_pos, k_cache, v_cache):
-        h = x + self.attn(self.input_norm(x), rope, input_pos, k_cache, v_cache)
+    def forward(self, x, rope, input_pos, kv_len, k_cache, v_cache):
+        h = x + self.attn(self.input_norm(x), rope, input_pos, kv_len, k_cache, v_cache)
         return h + self.moe(self.post_norm(h))
 
 
-@dataclass(frozen=True)
-class Parts:
-    """The classes a model is built from; each step of the ladder replaces one of them."""
-    embedding: type = Embedding
-    attention: type = Attention
-    moe: type = MoE
-    norm: type = RMSNorm
-    layer: type = DecoderLayer
-    lm_head: type = LMHead
-
-
 class Qwen3MoeModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, parts: Parts = Parts(), tp: TP = TP(), max_len: int = 512,
+    def __init__(self, cfg: ModelConfig, parts: "Parts | None" = None, tp: TP = TP(), max_len: int = 512,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
+        parts = parts or Parts()
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
         self.cfg, self.parts, self.tp, self.max_len, self.dtype = cfg, parts, tp, max_len, dtype
@@ -253,13 +244,18 @@ class Qwen3MoeModel(nn.Module):
                              [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers])
         return self.cache
 
-    def forward(self, ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] (fp32) of the last position of `ids` [B, S] placed at `input_pos` [S]."""
+    def forward(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Logits [B, V] (fp32) of the last position of `ids` [B, S] placed at `input_pos` [S];
+        `kv_len` is the number of valid cache positions once these are written."""
         rope = self.rope(input_pos)
         x = self.embed(ids)                                                    # [B, S, H]
+        return self.lm_head(self.trunk(x, rope, input_pos, kv_len))            # [B, V]
+
+    def trunk(self, x, rope, input_pos, kv_len) -> torch.Tensor:
+        """The decoder layers and the final norm; returns the last position's hidden state [B, H]."""
         for layer, k_cache, v_cache in zip(self.layers, self.cache.k, self.cache.v):
-            x = layer(x, rope, input_pos, k_cache, v_cache)
-        return self.lm_head(self.norm(x[:, -1]))                               # [B, V]
+            x = layer(x, rope, input_pos, kv_len, k_cache, v_cache)
+        return self.norm(x[:, -1])
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -268,9 +264,24 @@ class Qwen3MoeModel(nn.Module):
         if S > self.max_len:
             raise ValueError(f"prompt of {S} tokens does not fit the KV cache ({self.max_len} positions)")
         self.allocate_cache(ids.shape[0])
-        return self(ids, torch.arange(S, device=ids.device))
+        return self(ids, torch.arange(S, device=ids.device), S)
 
     @torch.no_grad()
-    def decode(self, ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """One new token per sequence, ids [B, 1], at position input_pos [1]."""
-        return self(ids, input_pos)
+    def decode(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """One new token per sequence, ids [B, 1], at position input_pos [1] (= kv_len - 1)."""
+        return self(ids, input_pos, kv_len)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The classes a model is built from; each step of the ladder replaces one of them."""
+    embedding: type = Embedding
+    attention: type = Attention
+    moe: type = MoE
+    norm: type = RMSNorm
+    layer: type = DecoderLayer
+    lm_head: type = LMHead
+    model: type = Qwen3MoeModel
+
+    def build(self, cfg: ModelConfig, tp: TP = TP(), max_len: int = 512, dtype: torch.dtype = torch.float32):
+        return self.model(cfg, self, tp, max_len=max_len, dtype=dtype)

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from . import tp
-from .model import Parts, Qwen3MoeModel
+from .model import Parts
 from .parallel import TP
 
 
@@ -119,7 +119,7 @@ def build_runner(recipe: Recipe, model_path: str, *, dtype: torch.dtype = torch.
     if recipe.engine == "hf":
         ckpt.validate()                            # the same clear errors as our loader
         return HFRunner(load_hf_model(model_path, dtype=dtype, device=device))
-    model = Qwen3MoeModel(ckpt.config, recipe.parts, tp_ctx, max_len=max_len, dtype=dtype).load(ckpt)
+    model = recipe.parts.build(ckpt.config, tp_ctx, max_len=max_len, dtype=dtype).load(ckpt)
     runner = ModelRunner(model.to(device))
     runner.bytes_read = ckpt.bytes_read
     return runner

@@ -23,7 +23,7 @@ def test_logits_match_hf_float32(which, request):
     worst = (model.prefill(ids) - hf.prefill(ids)).abs().max().item()
     token = torch.tensor([[7]])
     for pos in range(len(PROMPT), len(PROMPT) + 8):                       # decode over the cache
-        a = model.decode(token, torch.tensor([pos]))
+        a = model.decode(token, torch.tensor([pos]), pos + 1)
         b = hf.decode(token, pos)
         worst = max(worst, (a - b).abs().max().item())
         token = b.argmax(-1, keepdim=True)

@@ -13,7 +13,6 @@ from qwen3moe_tutorial import parallel, tp as tp_py
 from qwen3moe_tutorial.config import preset
 from qwen3moe_tutorial.generate import ModelRunner, greedy_generate
 from qwen3moe_tutorial.hf import HFRunner, load_hf_model
-from qwen3moe_tutorial.model import Qwen3MoeModel
 from qwen3moe_tutorial.parallel import TP, RankError
 from qwen3moe_tutorial.steps import check_parallel, generate_on_rank, recipe_upto
 from qwen3moe_tutorial.weights import Checkpoint
@@ -63,7 +62,7 @@ def test_tp_needs_a_tp_step():
 
 def shards(path, upto, size):
     ckpt = Checkpoint(path)
-    return [Qwen3MoeModel(ckpt.config, recipe_upto(upto).parts, TP(r, size), max_len=16).load(ckpt)
+    return [recipe_upto(upto).parts.build(ckpt.config, TP(r, size), max_len=16).load(ckpt)
             for r in range(size)]
 
 
@@ -111,7 +110,7 @@ def test_each_rank_reads_only_its_share(tiny_ckpt):
     for size in (1, 2, 4, 8):
         for r in range(size):
             c = Checkpoint(tiny_ckpt)
-            Qwen3MoeModel(cfg, recipe_upto("moe_tp_w13_swiglu").parts, TP(r, size), max_len=16).load(c)
+            recipe_upto("moe_tp_w13_swiglu").parts.build(cfg, TP(r, size), max_len=16).load(c)
             assert c.bytes_read == expected_rank_bytes(cfg, size)
         print(size, c.bytes_read / on_disk)
         assert c.bytes_read < on_disk / size * 1.25 + 0.05 * on_disk    # ~1/tp plus the replicated part

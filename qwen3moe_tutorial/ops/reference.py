@@ -1,0 +1,729 @@
+"""Pure-PyTorch reference kernels for the torch_npu fused ops of the Qwen3-MoE decode recipe.
+
+- One function per op, with torch_npu 2.13.0's name, parameters, defaults, return tuple, shapes and dtypes
+  (reference/npu-ops.md; tests/test_npu_conformance.py checks the signatures against the wheel's schemas).
+- Numerics follow Ascend's CPU golden functions: compute in float32, round once to the output dtype.
+- Only what the recipe needs: quantisation, paged KV caches and drop/pad routing raise NotImplementedError.
+- No host syncs in the decode-path ops, so they trace under torch.compile(fullgraph=True); checks that read
+  tensor values run in eager mode only.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+INT_TYPES = (int, torch.SymInt)   # host ints; symbolic under torch.compile(dynamic=True)
+# ScalarType numbers that torch_npu accepts in an `int?` dtype slot (c10::ScalarType order).
+_SCALAR_TYPE = {5: torch.float16, 6: torch.float32, 15: torch.bfloat16}
+_FIA_MASK_SIZE = 2048          # sparse_mode 2/3 take this compressed lower-triangular template
+_GMM_GATHER_BUDGET = 1 << 24   # elements of gathered expert weights per row chunk (64 MiB in fp32)
+_SORT_LAST = 1 << 40           # a sort key above every expert id
+
+
+class OpInputError(ValueError):
+    """An op got arguments that torch_npu would reject; the message says which and why."""
+
+
+# ---------------------------------------------------------------- input checks
+
+def _eager() -> bool:
+    """True outside torch.compile tracing: only then may a check read tensor values (a host sync)."""
+    return not torch.compiler.is_compiling()
+
+
+def _fail(op: str, msg: str):
+    raise OpInputError(f"{op}: {msg}")
+
+
+def _tensor(op: str, name: str, t, dtypes=None, dims=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        _fail(op, f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if dims is not None and t.dim() not in dims:
+        _fail(op, f"{name} must be {' or '.join(f'{d}-D' for d in dims)}, got shape {tuple(t.shape)}")
+
+
+def _unsupported(op: str, **given) -> None:
+    """Raise for arguments of features this reference does not model (quantisation, paging, ...)."""
+    used = [name for name, value in given.items() if value is not None]
+    if used:
+        raise NotImplementedError(f"{op}: the reference kernel does not implement {', '.join(used)} "
+                                  f"(quantised / paged / prefix variants); pass None")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+# ---------------------------------------------------------------- activation and norms
+
+def npu_swiglu(self, dim=-1):
+    """SwiGLU: split `self` in halves A | B along `dim`, return silu(A) * B (npu-ops §1).
+
+    In the recipe A is the gate (w1) and B the up (w3) projection: `[T*K, 2*I_r] -> [T*K, I_r]`.
+    Computed in float32 and rounded once to the input dtype (the swiglu golden computes in fp32).
+    """
+    op = "npu_swiglu"
+    _tensor(op, "self", self, FLOAT_DTYPES)
+    if not -self.dim() <= dim < self.dim():
+        _fail(op, f"dim={dim} is out of range for a {self.dim()}-D input")
+    if self.shape[dim] % 2:
+        _fail(op, f"size {self.shape[dim]} along dim {dim} is odd; it must split into two equal halves")
+    a, b = self.float().chunk(2, dim=dim)
+    return (F.silu(a) * b).to(self.dtype)
+
+
+def npu_rms_norm(self, gamma, epsilon=1e-06):
+    """RMSNorm over the last gamma.dim() axes: y = x * rsqrt(mean(x^2) + eps) * gamma (npu-ops §7).
+
+    Returns (y, rstd): y has x's shape and dtype; rstd is float32 with shape x.shape[:-g] + (1,)*g.
+    Everything, the gamma multiply included, runs in float32 with one final rounding (HF rounds twice).
+    """
+    op = "npu_rms_norm"
+    _tensor(op, "self", self, FLOAT_DTYPES)
+    _tensor(op, "gamma", gamma, FLOAT_DTYPES)
+    g = gamma.dim()
+    if not 1 <= g <= self.dim() or tuple(self.shape[-g:]) != tuple(gamma.shape):
+        _fail(op, f"gamma of shape {tuple(gamma.shape)} must equal the trailing dims of x {tuple(self.shape)}")
+    dims = tuple(range(-g, 0))
+    x32 = self.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(dim=dims, keepdim=True) + epsilon)   # [..., 1] float32
+    return (x32 * rstd * gamma.float()).to(self.dtype), rstd
+
+
+def npu_add_rms_norm(x1, x2, gamma, epsilon=1e-06):
+    """Residual add fused with RMSNorm: x = x1 + x2 (rounded to the input dtype), then npu_rms_norm(x).
+
+    Returns (y, rstd, x): **the third output is the sum**, i.e. the new residual stream (npu-ops §7).
+    """
+    op = "npu_add_rms_norm"
+    _tensor(op, "x1", x1, FLOAT_DTYPES)
+    _tensor(op, "x2", x2, FLOAT_DTYPES)
+    if x1.shape != x2.shape or x1.dtype != x2.dtype:
+        _fail(op, f"x1 {tuple(x1.shape)} {x1.dtype} and x2 {tuple(x2.shape)} {x2.dtype} must match")
+    x = x1 + x2                                                             # rounded to the input dtype
+    y, rstd = npu_rms_norm(x, gamma, epsilon)
+    return y, rstd, x
+
+
+# ---------------------------------------------------------------- MoE routing
+
+def npu_moe_gating_top_k_softmax(x, finished=None, k=1):
+    """Softmax over all E experts, then the top k (npu-ops §2, §16).
+
+    Returns (y [T, k] x.dtype, expert_idx [T, k] int32, row_idx [T, k] int32), T = all leading dims.
+    - probabilities are computed in float32, rounded to x's dtype, then ranked by a stable descending sort,
+      so among equal rounded probabilities the lower expert id comes first;
+    - no renormalisation (Qwen3 divides by the sum outside the op);
+    - row_idx[i, j] = j*T + i is **k-major**, the layout npu_moe_init_routing (v1) expects;
+    - rows with finished=True get expert id E.
+    """
+    op = "npu_moe_gating_top_k_softmax"
+    _tensor(op, "x", x, FLOAT_DTYPES, dims=(2, 3))
+    E = x.shape[-1]
+    if not (isinstance(k, INT_TYPES) and 0 < k <= min(E, 1024)):
+        _fail(op, f"k must be an int with 0 < k <= min(E={E}, 1024), got {k!r}")
+    lead = tuple(x.shape[:-1])
+    probs = torch.softmax(x.float(), dim=-1).to(x.dtype)                   # [T, E], rounded like y
+    y, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+    y, expert_idx = y[..., :k], idx[..., :k].to(torch.int32)               # [T, k]
+    if finished is not None:
+        _tensor(op, "finished", finished, (torch.bool,))
+        if tuple(finished.shape) != lead:
+            _fail(op, f"finished must have shape x.shape[:-1] = {lead}, got {tuple(finished.shape)}")
+        expert_idx = expert_idx.masked_fill(finished.unsqueeze(-1), E)
+    T = x[..., 0].numel()
+    row_idx = torch.arange(T * k, dtype=torch.int32, device=x.device).view(k, T).t().reshape(*lead, k)
+    return y, expert_idx, row_idx
+
+
+def npu_moe_init_routing(x, row_idx, expert_idx, active_num):
+    """Permute token rows so that rows of the same expert are contiguous (v1, npu-ops §3a).
+
+    Inputs: x [N, H]; row_idx [N, K] int32 in the **k-major** layout j*N + i (gating's third output);
+    expert_idx [N, K] int32. Rows are sorted stably by expert id over the row-major flattening.
+    Returns (expanded_x [min(N, active_num)*K, H], expanded_row_idx [N*K] int32, expanded_expert_idx [N*K] int32):
+    expanded_row_idx is indexed by the k-major source id j*N + i and gives the destination row;
+    expanded_x[i] = x[source_i mod N]. Pair with finalize drop_pad_mode=0.
+    """
+    op = "npu_moe_init_routing"
+    _tensor(op, "x", x, FLOAT_DTYPES, dims=(2,))
+    _tensor(op, "row_idx", row_idx, (torch.int32,), dims=(2,))
+    _tensor(op, "expert_idx", expert_idx, (torch.int32,), dims=(2,))
+    N, K = expert_idx.shape
+    if row_idx.shape != expert_idx.shape or N != x.shape[0]:
+        _fail(op, f"row_idx {tuple(row_idx.shape)} and expert_idx {tuple(expert_idx.shape)} must both be "
+                  f"[N, K] with N = x.shape[0] = {x.shape[0]}")
+    if not isinstance(active_num, INT_TYPES) or active_num < 0:
+        _fail(op, f"active_num must be a non-negative int, got {active_num!r}")
+    sorted_expert, order = torch.sort(expert_idx.reshape(-1), stable=True)  # [N*K] by expert id
+    dst_to_src = row_idx.reshape(-1)[order]                                # k-major source ids, [N*K]
+    expanded_row_idx = torch.full_like(dst_to_src, -1)
+    expanded_row_idx.scatter_(0, dst_to_src.long(), torch.arange(N * K, dtype=torch.int32, device=x.device))
+    rows = min(N, active_num) * K
+    expanded_x = x[(dst_to_src[:rows] % N).long()]                         # [rows, H]
+    return expanded_x, expanded_row_idx, sorted_expert
+
+
+def _expert_range(op, active_expert_range, expert_num):
+    if len(active_expert_range) == 0:
+        if expert_num > 10240:
+            _fail(op, f"expert_num must be <= 10240, got {expert_num}")
+        return 0, (expert_num if expert_num > 0 else None)
+    if len(active_expert_range) != 2 or not isinstance(active_expert_range, list):
+        _fail(op, f"active_expert_range must be a list [start, end] (the NPU's meta function rejects "
+                  f"other sequences), got {active_expert_range!r}")
+    start, end = (operator.index(v) for v in active_expert_range)
+    if not 0 <= start < end <= 10240:
+        _fail(op, f"active_expert_range must be increasing within [0, 10240], got {[start, end]}")
+    return start, end
+
+
+def _token_counts(flat, in_range, start, n_exp, expert_num, kind):
+    """Per-expert counts (kind 1), their cumulative sum (0), or (expert id, count) pairs (2); all int64."""
+    local = (flat - start).clamp(0, n_exp - 1)
+    counts = torch.zeros(n_exp, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, local, in_range.long())                         # [n_exp]
+    if kind == 1:
+        return counts
+    if kind == 0:
+        return counts.cumsum(0)
+    present_first = torch.argsort((counts == 0).to(torch.int8), stable=True)
+    ids = torch.arange(start, start + n_exp, device=flat.device)[present_first]
+    pairs = torch.stack((ids, counts[present_first]), dim=-1)              # [n_exp, 2]
+    pairs = pairs * (counts[present_first] > 0).unsqueeze(-1)
+    return F.pad(pairs, (0, 0, 0, max(expert_num - n_exp, 0)))             # [expert_num, 2]
+
+
+def npu_moe_init_routing_v2(x, expert_idx, *, scale=None, offset=None, active_num=-1, expert_capacity=-1,
+                            expert_num=-1, drop_pad_mode=0, expert_tokens_num_type=0,
+                            expert_tokens_num_flag=False, quant_mode=-1, active_expert_range=(),
+                            row_idx_type=0, x_dtype=None):
+    """Permute token rows by expert, with **row-major** source ids t*K + k (v2, npu-ops §3b, §16).
+
+    x [T, H], expert_idx [T, K] int32. Rows are sorted stably by expert id; experts below the active
+    range go last, experts at or above its end sort after the in-range ones (and, like them, by id).
+    Returns (expanded_x, expanded_row_idx, expert_token_cumsum_or_count, expanded_scale):
+    - expanded_x [R, H], R = T*K if active_num <= 0 else min(active_num, T*K): expanded_x[i] = x[src_i // K];
+      rows past the in-range rows are undefined on the NPU and **zero here**;
+    - expanded_row_idx [T*K] int32: row_idx_type 0 gives the destination row of source t*K + k (-1 when the
+      expert is out of range or the row was cut by active_num), type 1 the source of destination i;
+    - counts int64: type 1 per-expert counts [end - start], type 0 their cumsum, type 2 (id, count) pairs
+      [expert_num, 2]; a 0-d tensor when expert_tokens_num_flag is False (the NPU leaves it uninitialised);
+    - expanded_scale float32 [R]: scale[src // K] if scale is given, else zeros (undefined on the NPU).
+    Pair with finalize drop_pad_mode=2 and grouped matmul group_list_type=1 (counts).
+    """
+    op = "npu_moe_init_routing_v2"
+    if quant_mode != -1:
+        raise NotImplementedError(f"{op}: quant_mode={quant_mode} (quantised routing) is not implemented")
+    _unsupported(op, offset=offset, x_dtype=x_dtype)
+    if drop_pad_mode != 0:
+        if drop_pad_mode == 1:
+            raise NotImplementedError(f"{op}: drop_pad_mode=1 (expert capacity) is not implemented")
+        _fail(op, f"drop_pad_mode must be 0 or 1, got {drop_pad_mode!r}")
+    if row_idx_type not in (0, 1) or expert_tokens_num_type not in (0, 1, 2):
+        _fail(op, f"row_idx_type must be 0/1 and expert_tokens_num_type 0/1/2, got "
+                  f"{row_idx_type!r}/{expert_tokens_num_type!r}")
+    _tensor(op, "x", x, FLOAT_DTYPES, dims=(2,))
+    _tensor(op, "expert_idx", expert_idx, (torch.int32,), dims=(2,))
+    T, K = expert_idx.shape
+    if x.shape[0] != T:
+        _fail(op, f"x has {x.shape[0]} rows but expert_idx has {T}; both are per token")
+    start, end = _expert_range(op, active_expert_range, expert_num)
+    if expert_tokens_num_flag and (end is None or (expert_tokens_num_type == 2 and expert_num <= 0)):
+        _fail(op, "expert_tokens_num_flag=True needs expert_num > 0 (or an active_expert_range)")
+    rows = T * K if active_num <= 0 else min(active_num, T * K)
+
+    flat = expert_idx.reshape(-1).long()                                    # [T*K], source f = t*K + k
+    in_range = flat >= start if end is None else (flat >= start) & (flat < end)
+    order = torch.argsort(torch.where(flat < start, _SORT_LAST, flat), stable=True)   # dst i <- src order[i]
+    positions = torch.arange(T * K, dtype=torch.int32, device=x.device)
+    dst = torch.empty_like(positions).scatter_(0, order, positions)         # [T*K] dst of each source
+    kept = in_range & (dst < rows)
+    if row_idx_type == 0:
+        expanded_row_idx = torch.where(kept, dst, -1)
+    else:
+        expanded_row_idx = torch.where(kept[order], order.to(torch.int32), -1)
+
+    src = order[:rows]                                                       # [R]
+    expanded_x = torch.where(in_range[src].unsqueeze(-1), x[src // K], 0)   # [R, H]
+    if scale is not None:
+        _tensor(op, "scale", scale, FLOAT_DTYPES, dims=(1,))
+        if scale.shape[0] != T:
+            _fail(op, f"scale must be [T] = [{T}], got {tuple(scale.shape)}")
+        expanded_scale = scale.float()[src // K]
+    else:
+        expanded_scale = torch.zeros(rows, dtype=torch.float32, device=x.device)
+    if expert_tokens_num_flag:
+        counts = _token_counts(flat, in_range, start, end - start, expert_num, expert_tokens_num_type)
+    else:
+        counts = torch.zeros((), dtype=torch.int64, device=x.device)
+    return expanded_x, expanded_row_idx, counts, expanded_scale
+
+
+def npu_moe_compute_expert_tokens(sorted_expert_for_source_row, num_expert):
+    """Cumulative end offset of each expert in a sorted expert list (npu-ops §4).
+
+    out[e] = number of entries <= e, i.e. searchsorted(sorted, e, side="right"); [num_expert] int32.
+    Example: [0, 0, 0, 1, 1, 2] with 3 experts -> [3, 5, 6]. Feed it to grouped matmul as group_list_type=0.
+    """
+    op = "npu_moe_compute_expert_tokens"
+    s = sorted_expert_for_source_row
+    _tensor(op, "sorted_expert_for_source_row", s, (torch.int32,), dims=(1,))
+    if not isinstance(num_expert, INT_TYPES) or not 0 < num_expert <= 2048:
+        _fail(op, f"num_expert must be an int in (0, 2048], got {num_expert!r}")
+    if _eager() and s.numel() > 1 and bool((s[1:] < s[:-1]).any()):
+        _fail(op, "sorted_expert_for_source_row must be sorted ascending (use init_routing's third output)")
+    experts = torch.arange(num_expert, dtype=s.dtype, device=s.device)
+    return torch.searchsorted(s, experts, right=True).to(torch.int32)
+
+
+def npu_moe_finalize_routing(expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row,
+                             export_for_source_row, drop_pad_mode=0, k=1):
+    """Un-permute expert outputs and take the weighted sum over each token's K experts (npu-ops §5, §16).
+
+    out[t] = skip1[t] + skip2[t] + sum_j scales[t, j] * (rows[idx(t, j)] + bias[export_for_source_row[t, j]])
+    with idx(t, j) = expanded_src_to_dst_row[j*T + t] for drop_pad_mode 0 (k-major, init_routing v1) or
+    [t*K + j] for drop_pad_mode 2 (row-major, init_routing_v2). An index of -1 adds no row (bias still counts).
+    scales must have the rows' dtype. Output [T, H] in the rows' dtype; float32 accumulation, one rounding.
+    """
+    op = "npu_moe_finalize_routing"
+    rows, idx = expanded_permuted_rows, expanded_src_to_dst_row
+    mode = 0 if drop_pad_mode is None else drop_pad_mode
+    if mode in (1, 3):
+        raise NotImplementedError(f"{op}: drop_pad_mode={mode} (drop/pad, rows [E, C, H]) is not implemented")
+    if mode not in (0, 2):
+        _fail(op, f"drop_pad_mode must be 0 (k-major, v1) or 2 (row-major, v2), got {drop_pad_mode!r}")
+    _tensor(op, "expanded_permuted_rows", rows, FLOAT_DTYPES, dims=(2,))
+    _tensor(op, "expanded_src_to_dst_row", idx, INDEX_DTYPES, dims=(1,))
+    if scales is not None:
+        _tensor(op, "scales", scales, dims=(2,))
+        if scales.dtype != rows.dtype:
+            _fail(op, f"scales must have the dtype of expanded_permuted_rows ({rows.dtype}), got {scales.dtype}; "
+                      f"cast the top-k weights with .to(rows.dtype)")
+        T, K = scales.shape
+    else:
+        K = 1 if k is None else k
+        if K <= 0 or idx.numel() % K:
+            _fail(op, f"without scales, k={k!r} must be positive and divide len(expanded_src_to_dst_row)")
+        T = idx.numel() // K
+    if idx.numel() != T * K:
+        _fail(op, f"expanded_src_to_dst_row has {idx.numel()} entries, expected T*K = {T}*{K}")
+    if skip2 is not None and skip1 is None:
+        _fail(op, "skip2 may be given only together with skip1")
+    if bias is not None and export_for_source_row is None:
+        _fail(op, "bias needs export_for_source_row (the expert of each (token, k) pair)")
+
+    dst = idx.view(K, T).t() if mode == 0 else idx.view(T, K)              # [T, K] destination rows
+    picked = rows[dst.clamp(min=0).long()].float()                          # [T, K, H]
+    picked = torch.where((dst >= 0).unsqueeze(-1), picked, 0)
+    if bias is not None:
+        picked = picked + bias.float()[export_for_source_row.long()]        # [T, K, H]
+    if scales is not None:
+        picked = picked * scales.float().unsqueeze(-1)
+    out = picked.sum(dim=1)                                                 # [T, H]
+    for skip in (skip1, skip2):
+        if skip is not None:
+            out = out + skip.float()
+    return out.to(rows.dtype)
+
+
+# ---------------------------------------------------------------- grouped matmul
+
+def _resolve_dtype(op, output_dtype, default):
+    if output_dtype is None:
+        return default
+    dtype = _SCALAR_TYPE.get(output_dtype) if isinstance(output_dtype, int) else output_dtype
+    if dtype not in FLOAT_DTYPES:
+        raise NotImplementedError(f"{op}: output_dtype={output_dtype!r}; only fp16/bf16/fp32 outputs are "
+                                  f"implemented (int outputs belong to quantised matmuls)")
+    return dtype
+
+
+def _group_ends(op, group_list, group_list_type, G, M, device):
+    """Cumulative end row of each group, [G] int64, from counts (type 1) or cumulative offsets (type 0)."""
+    if group_list is None:
+        _fail(op, "group_type=0 needs group_list (per-expert counts or cumulative offsets)")
+    if not isinstance(group_list, torch.Tensor):
+        group_list = torch.tensor(list(group_list), dtype=torch.int64, device=device)
+    _tensor(op, "group_list", group_list, INDEX_DTYPES, dims=(1,))
+    if group_list.shape[0] != G:
+        _fail(op, f"group_list has {group_list.shape[0]} entries but the weights hold {G} groups")
+    if group_list_type not in (0, 1):
+        _fail(op, f"group_list_type must be 0 (cumulative) or 1 (counts), got {group_list_type!r}")
+    ends = group_list.long() if group_list_type == 0 else group_list.long().cumsum(0)
+    if _eager() and G:
+        if group_list_type == 1 and bool((group_list < 0).any()):
+            _fail(op, f"group_list counts must be non-negative, got {group_list.tolist()}")
+        if group_list_type == 0 and (bool((ends[1:] < ends[:-1]).any()) or int(ends[0]) < 0):
+            _fail(op, f"cumulative group_list must be non-decreasing and >= 0, got {group_list.tolist()}")
+        if int(ends[-1]) > M:
+            _fail(op, f"group_list covers {int(ends[-1])} rows but x has only M = {M}")
+    return ends
+
+
+def _gmm_gathered(x, w, ends, bias):
+    """Per-row gathered matmul: row r uses weight w[group(r)]; no host sync, any M (row chunks)."""
+    M, G, (_, Kd, N) = x.shape[0], w.shape[0], w.shape
+    rows = torch.arange(M, device=x.device)
+    gid = torch.searchsorted(ends, rows, right=True)                        # [M], G = past the last group
+    valid = gid < G
+    gid = gid.clamp(max=G - 1)
+    chunk = max(1, _GMM_GATHER_BUDGET // max(Kd * N, 1))
+    parts = []
+    for s in range(0, M, chunk):                                            # a loop over shapes, not values
+        g = gid[s:s + chunk]
+        y = torch.bmm(x[s:s + chunk].float().unsqueeze(1), w[g].float()).squeeze(1)   # [c, N]
+        if bias is not None:
+            y = y + bias.float()[g]
+        parts.append(y)
+    y = torch.cat(parts) if parts else x.new_zeros((0, N), dtype=torch.float32)
+    return torch.where(valid.unsqueeze(-1), y, 0)                           # rows past the total -> 0
+
+
+def _gmm_sliced(x, w, ends, bias):
+    """Per-group slices x[s:e] @ w[g]: reads each used weight once; reads the group list on the host."""
+    out = x.new_zeros((x.shape[0], w.shape[2]), dtype=torch.float32)
+    start = 0
+    for g, end in enumerate(ends.tolist()):
+        if end > start:
+            y = x[start:end].float() @ w[g].float()
+            out[start:end] = y if bias is None else y + bias[g].float()
+        start = end
+    return out
+
+
+def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None,
+                       antiquant_offset=None, per_token_scale=None, group_list=None, activation_input=None,
+                       activation_quant_scale=None, activation_quant_offset=None, split_item=0, group_type=None,
+                       group_list_type=0, act_type=0, tuning_config=None, output_dtype=None, x_dtype=None,
+                       weight_dtype=None, scale_dtype=None, per_token_scale_dtype=None):
+    """Grouped matmul over lists of tensors (npu-ops §6). Returns a list of tensors.
+
+    - group_type=0 (split M): x = [x [M, K]], weight = [w [G, K, N]] (or G tensors [K, N]); rows
+      ends[g-1]:ends[g] of x use w[g], ends = cumsum(group_list) for group_list_type=1 (counts) or group_list
+      itself for group_list_type=0 (cumulative). Zero-count groups are fine; rows past the last end are
+      never read as part of a group and come out as **zeros** (garbage on the NPU).
+    - group_type=None or -1: no grouping, y_i = x_i @ weight_i for each pair (the NPU accepts None only with
+      the legacy int-list group_list; pass -1 there).
+    - split_item 0/1: one output per x (1: one per group, eager only); 2/3: a single output [sum M, N].
+    Float32 accumulation, rounded once to output_dtype (default: x's dtype). Quantisation raises.
+    """
+    op = "npu_grouped_matmul"
+    _unsupported(op, scale=scale, offset=offset, antiquant_scale=antiquant_scale,
+                 antiquant_offset=antiquant_offset, per_token_scale=per_token_scale,
+                 activation_input=activation_input, activation_quant_scale=activation_quant_scale,
+                 activation_quant_offset=activation_quant_offset, x_dtype=x_dtype, weight_dtype=weight_dtype,
+                 scale_dtype=scale_dtype, per_token_scale_dtype=per_token_scale_dtype)
+    if act_type not in (0, None):
+        raise NotImplementedError(f"{op}: act_type={act_type} (fused activation) is not implemented")
+    for name, seq in (("x", x), ("weight", weight)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence) or len(seq) == 0:
+            _fail(op, f"{name} must be a non-empty list of tensors, e.g. [{name}]")
+        for t in seq:
+            _tensor(op, name + "[i]", t, FLOAT_DTYPES)
+    if split_item not in (0, 1, 2, 3):
+        _fail(op, f"split_item must be 0, 1, 2 or 3, got {split_item!r}")
+    dtype = _resolve_dtype(op, output_dtype, x[0].dtype)
+    if group_type in (None, -1):
+        return _gmm_ungrouped(op, x, weight, bias, group_list, split_item, dtype)
+    if group_type == 2:
+        raise NotImplementedError(f"{op}: group_type=2 (split K) is not implemented")
+    if group_type != 0:
+        _fail(op, f"group_type must be None, -1, 0 or 2, got {group_type!r}")
+    return _gmm_grouped_m(op, x, weight, bias, group_list, group_list_type, split_item, dtype)
+
+
+def _gmm_ungrouped(op, x, weight, bias, group_list, split_item, dtype):
+    if group_list is not None:
+        _fail(op, "group_list was given without group_type=0; set group_type=0 to split M by groups")
+    if len(x) != len(weight):
+        _fail(op, f"without grouping x and weight pair up; got {len(x)} x and {len(weight)} weights")
+    outs = []
+    for i, (xi, wi) in enumerate(zip(x, weight)):
+        if wi.dim() != 2 or xi.shape[-1] != wi.shape[0]:
+            _fail(op, f"x[{i}] {tuple(xi.shape)} @ weight[{i}] {tuple(wi.shape)}: weight must be [K, N] "
+                      f"with K = x's last dim")
+        y = xi.float() @ wi.float()
+        outs.append(y if bias is None else y + bias[i].float())
+    if split_item in (2, 3):
+        return [torch.cat([o.reshape(-1, o.shape[-1]) for o in outs]).to(dtype)]
+    return [o.to(dtype) for o in outs]
+
+
+def _gmm_grouped_m(op, x, weight, bias, group_list, group_list_type, split_item, dtype):
+    if len(x) != 1 or x[0].dim() != 2:
+        _fail(op, "group_type=0 takes a single 2-D x: [x of shape [M, K]]")
+    xm = x[0]
+    if len(weight) == 1 and weight[0].dim() == 3:
+        w = weight[0]                                                       # [G, K, N]
+    elif all(t.dim() == 2 for t in weight):
+        w = torch.stack(list(weight))                                       # [G, K, N] (a copy: prefer 3-D)
+    else:
+        _fail(op, "weight must be [w of shape [G, K, N]] or G tensors of shape [K, N]")
+    G, Kd, N = w.shape
+    if xm.shape[1] != Kd:
+        _fail(op, f"x is [M, {xm.shape[1]}] but each weight is [{Kd}, {N}]")
+    b = None
+    if bias is not None:
+        b = bias[0] if len(bias) == 1 and bias[0].dim() == 2 else torch.stack(list(bias))   # [G, N]
+    M = xm.shape[0]
+    ends = _group_ends(op, group_list, group_list_type, G, M, xm.device)
+    if _eager() and M > G:
+        y = _gmm_sliced(xm, w, ends, b)
+    else:
+        y = _gmm_gathered(xm, w, ends, b)
+    y = y.to(dtype)                                                         # [M, N]
+    if split_item != 1:
+        return [y]
+    if not _eager():
+        _fail(op, "split_item=1 (one output per group) has data-dependent shapes; use 2 or 3 under compile")
+    sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+    return list(y[:int(ends[-1])].split(sizes))
+
+
+# ---------------------------------------------------------------- attention
+
+def _heads_view(op, t, layout, n_heads, name):
+    """Return t as [B, N, S, D] for layout BSH / BSND / BNSD."""
+    if layout == "BSH":
+        _tensor(op, name, t, dims=(3,))
+        B, S, H = t.shape
+        if H % n_heads:
+            _fail(op, f"{name} has {H} channels, not a multiple of its {n_heads} heads")
+        return t.view(B, S, n_heads, H // n_heads).transpose(1, 2)
+    _tensor(op, name, t, dims=(4,))
+    heads = t.shape[2] if layout == "BSND" else t.shape[1]
+    if heads != n_heads:
+        _fail(op, f"{name} has {heads} heads in layout {layout} but {n_heads} were declared")
+    return t.transpose(1, 2) if layout == "BSND" else t
+
+
+def _seq_lengths_mask(op, lengths, B, S_kv, device):
+    """[B, 1, 1, S_kv] True where a cache position is at or past that batch's length."""
+    if isinstance(lengths, torch.Tensor) or not isinstance(lengths, Sequence):
+        _fail(op, "actual_seq_lengths_kv must be a list of ints (schema SymInt[]), e.g. kv_len.tolist()")
+    if len(lengths) != 1 and len(lengths) != B:       # (not `in (1, B)`: B may be symbolic)
+        _fail(op, f"actual_seq_lengths_kv has {len(lengths)} entries; expected 1 or B = {B}")
+    if _eager():
+        for n in lengths:
+            if not 0 <= operator.index(n) <= S_kv:
+                _fail(op, f"actual_seq_lengths_kv entry {n} is outside [0, S_kv = {S_kv}]")
+    pos = torch.arange(S_kv, device=device)
+    if len(lengths) == 1:
+        return (pos >= lengths[0]).view(1, 1, 1, S_kv)
+    lens = torch.tensor(list(lengths), device=device)
+    return (pos.view(1, S_kv) >= lens.view(B, 1)).view(B, 1, 1, S_kv)
+
+
+def _attention_mask(op, atten_mask, sparse_mode, pre_tokens, next_tokens, B, N, S, S_kv, device):
+    """Boolean [.., S, S_kv] mask, True = not attended, or None."""
+    if S == 1 and sparse_mode in (2, 3, 4):
+        return None                                    # the incremental kernel ignores sparse modes
+    if atten_mask is not None:
+        _tensor(op, "atten_mask", atten_mask, (torch.bool, torch.int8, torch.uint8))
+    if sparse_mode == 0:
+        if (pre_tokens, next_tokens) != (2147483647, 2147483647):
+            raise NotImplementedError(f"{op}: pre_tokens/next_tokens band limits with sparse_mode=0")
+        if atten_mask is None:
+            return None
+        m = atten_mask.bool()
+        if tuple(m.shape[-2:]) != (S, S_kv) or m.dim() > 4:
+            _fail(op, f"sparse_mode=0 needs a full mask [.., {S}, {S_kv}], got {tuple(m.shape)}")
+        return m.view(B, 1, S, S_kv) if m.dim() == 3 else m
+    if sparse_mode in (2, 3):
+        if atten_mask is None or tuple(atten_mask.shape) != (_FIA_MASK_SIZE, _FIA_MASK_SIZE):
+            got = None if atten_mask is None else tuple(atten_mask.shape)
+            _fail(op, f"sparse_mode={sparse_mode} needs the compressed causal mask: a "
+                      f"{_FIA_MASK_SIZE}x{_FIA_MASK_SIZE} bool tensor, True above the diagonal; got {got}")
+        q = torch.arange(S, device=device).view(S, 1)
+        k = torch.arange(S_kv, device=device).view(1, S_kv)
+        shift = 0 if sparse_mode == 2 else S_kv - S    # 2: aligned top-left, 3: aligned bottom-right
+        return k > q + shift                                                   # [S, S_kv]
+    raise NotImplementedError(f"{op}: sparse_mode={sparse_mode} is not implemented (0, 2 and 3 are)")
+
+
+def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_mask=None,
+                                    actual_seq_lengths=None, actual_seq_lengths_kv=None, dequant_scale1=None,
+                                    quant_scale1=None, dequant_scale2=None, quant_scale2=None,
+                                    quant_offset2=None, antiquant_scale=None, antiquant_offset=None,
+                                    key_antiquant_scale=None, key_antiquant_offset=None,
+                                    value_antiquant_scale=None, value_antiquant_offset=None, block_table=None,
+                                    query_padding_size=None, kv_padding_size=None, key_shared_prefix=None,
+                                    value_shared_prefix=None, actual_shared_prefix_len=None, query_rope=None,
+                                    key_rope=None, key_rope_antiquant_scale=None, num_heads=1, scale=1.0,
+                                    pre_tokens=2147483647, next_tokens=2147483647, input_layout="BSH",
+                                    num_key_value_heads=0, sparse_mode=0, inner_precise=0, block_size=0,
+                                    antiquant_mode=0, key_antiquant_mode=0, value_antiquant_mode=0,
+                                    softmax_lse_flag=False):
+    """softmax(scale * Q K^T + mask) V over a batch, prefill or decode (npu-ops §8, §16).
+
+    - layouts BSH [B, S, N*D], BSND, BNSD; output in the query's layout and dtype;
+    - GQA: query head h reads KV head h // (N / Nkv) (num_key_value_heads=0 means Nkv = N);
+    - masks: True = masked. sparse_mode 0 takes a full [.., S, S_kv] mask or None; 2 (top-left causal) and
+      3 (bottom-right causal) take the compressed 2048x2048 template; with S = 1 sparse modes are ignored;
+    - decode: actual_seq_lengths_kv (list of ints, 1 or B entries) limits batch b to cache rows [0, len_b);
+    - the softmax runs in float32 and is cast to the input dtype before the @V (as the golden does).
+    Returns (attention_out, softmax_lse). softmax_lse is float32 [B, N, S, 1] if softmax_lse_flag, else an
+    empty [0] tensor (the sources disagree on this placeholder): **callers must ignore it**.
+    """
+    op = "npu_fused_infer_attention_score"
+    _unsupported(op, pse_shift=pse_shift, actual_seq_lengths=actual_seq_lengths, dequant_scale1=dequant_scale1,
+                 quant_scale1=quant_scale1, dequant_scale2=dequant_scale2, quant_scale2=quant_scale2,
+                 quant_offset2=quant_offset2, antiquant_scale=antiquant_scale, antiquant_offset=antiquant_offset,
+                 key_antiquant_scale=key_antiquant_scale, key_antiquant_offset=key_antiquant_offset,
+                 value_antiquant_scale=value_antiquant_scale, value_antiquant_offset=value_antiquant_offset,
+                 block_table=block_table, query_padding_size=query_padding_size, kv_padding_size=kv_padding_size,
+                 key_shared_prefix=key_shared_prefix, value_shared_prefix=value_shared_prefix,
+                 actual_shared_prefix_len=actual_shared_prefix_len, query_rope=query_rope, key_rope=key_rope,
+                 key_rope_antiquant_scale=key_rope_antiquant_scale)
+    if input_layout not in ("BSH", "BSND", "BNSD"):
+        raise NotImplementedError(f"{op}: input_layout={input_layout!r}; BSH, BSND and BNSD are implemented")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _tensor(op, name, t, FLOAT_DTYPES)
+    if not query.dtype == key.dtype == value.dtype:
+        _fail(op, f"query/key/value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}")
+    N = num_heads
+    Nkv = num_key_value_heads or N
+    if N <= 0 or N % Nkv or N // Nkv > 64:
+        _fail(op, f"num_heads={N} must be a positive multiple of num_key_value_heads={Nkv}, ratio <= 64")
+    q = _heads_view(op, query, input_layout, N, "query")                    # [B, N, S, D]
+    k = _heads_view(op, key, input_layout, Nkv, "key")                      # [B, Nkv, S_kv, D]
+    v = _heads_view(op, value, input_layout, Nkv, "value")
+    B, _, S, D = q.shape
+    S_kv = k.shape[2]
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        _fail(op, f"key {tuple(k.shape)} / value {tuple(v.shape)} (as [B, Nkv, S_kv, D]) do not fit "
+                  f"query {tuple(q.shape)} (as [B, N, S, D])")
+    G = N // Nkv
+    # [B, Nkv, G*S, D] @ [B, Nkv, D, S_kv]: head h = kvh*G + g shares KV head kvh = h // G
+    scores = (q.float() * scale).reshape(B, Nkv, G * S, D) @ k.float().transpose(-1, -2)
+    scores = scores.view(B, N, S, S_kv)
+    mask = _attention_mask(op, atten_mask, sparse_mode, pre_tokens, next_tokens, B, N, S, S_kv, q.device)
+    if actual_seq_lengths_kv is not None:
+        len_mask = _seq_lengths_mask(op, actual_seq_lengths_kv, B, S_kv, q.device)
+        mask = len_mask if mask is None else mask | len_mask
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if mask is not None:                                                    # fully masked rows -> 0, not NaN
+        probs = torch.nan_to_num(probs, nan=0.0)
+    probs = probs.to(query.dtype).float().view(B, Nkv, G * S, S_kv)
+    out = (probs @ v.float()).view(B, N, S, D).to(query.dtype)              # [B, N, S, D]
+    if input_layout == "BSH":
+        out = out.transpose(1, 2).reshape(B, S, N * D)
+    elif input_layout == "BSND":
+        out = out.transpose(1, 2)
+    if softmax_lse_flag:
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)                 # [B, N, S, 1] float32
+    else:
+        lse = torch.empty(0, dtype=torch.float32, device=query.device)
+    return out, lse
+
+
+# ---------------------------------------------------------------- rotary embedding and KV cache
+
+def npu_apply_rotary_pos_emb(query, key, cos, sin, layout='BSND', rotary_mode='half'):
+    """Rotate-half RoPE, **in place**: x <- x*cos + rotate_half(x)*sin for query and key (npu-ops §9).
+
+    Returns (query, key), the same tensor objects, now rotated; like the NPU kernel this writes into the
+    inputs, so code must not reuse their pre-rotation values. Layout "TND" means 3-D tensors; every other
+    string (the recipe passes "BSH") means 4-D, e.g. BSND with cos/sin [B, S, 1, D]. cos/sin must have
+    q/k's dtype. Computed in float32, rounded once. (The NPU also needs D in {64, 128}; not checked here.)
+    """
+    op = "npu_apply_rotary_pos_emb"
+    if rotary_mode != "half":
+        raise NotImplementedError(f"{op}: rotary_mode={rotary_mode!r}; Atlas A2/A3 support only 'half'")
+    dims = (3,) if layout == "TND" else (4,)
+    for name, t in (("query", query), ("key", key), ("cos", cos), ("sin", sin)):
+        _tensor(op, name, t, FLOAT_DTYPES, dims=dims)
+    if not query.dtype == key.dtype == cos.dtype == sin.dtype:
+        _fail(op, f"query, key, cos and sin must share one dtype, got {query.dtype}, {key.dtype}, "
+                  f"{cos.dtype}, {sin.dtype} (build the cos/sin tables in the model dtype)")
+    D = query.shape[-1]
+    if D % 2 or key.shape[-1] != D or cos.shape != sin.shape or cos.shape[-1] != D:
+        _fail(op, f"last dims must all equal an even D: query {tuple(query.shape)}, key {tuple(key.shape)}, "
+                  f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    for t in (query, key):
+        try:
+            torch.broadcast_shapes(cos.shape, t.shape)
+        except RuntimeError:
+            _fail(op, f"cos/sin {tuple(cos.shape)} do not broadcast to {tuple(t.shape)} (layout {layout!r})")
+    c, s = cos.float(), sin.float()
+    for t in (query, key):
+        t32 = t.float()
+        t.copy_(t32 * c + _rotate_half(t32) * s)
+    return query, key
+
+
+def scatter_update_(self, indices, updates, axis):
+    """In-place KV-cache write: for each batch b, self[b] along `axis` at indices[b] .. indices[b]+L-1 is
+    overwritten by updates[b], L = updates.shape[axis] (npu-ops §10). Returns `self`.
+
+    The recipe writes k/v [B, q_len, Nkv*D] into the cache [B, S_max, Nkv*D] with axis=-2 at kv_len.
+    Each batch may use a different position. The NPU does not bounds-check; this reference raises.
+    """
+    op = "scatter_update_"
+    _tensor(op, "self", self)
+    _tensor(op, "updates", updates)
+    _tensor(op, "indices", indices, INDEX_DTYPES)
+    nd = self.dim()
+    if indices.dim() != 1:
+        raise NotImplementedError(f"{op}: only 1-D indices [B] (one start position per batch) are implemented")
+    if updates.dim() != nd or nd < 2:
+        _fail(op, f"self {tuple(self.shape)} and updates {tuple(updates.shape)} must have the same rank >= 2")
+    if not -nd <= axis < nd or axis % nd == 0:
+        _fail(op, f"axis={axis} must name a non-batch dimension of a {nd}-D tensor")
+    ax = axis % nd
+    B, L = self.shape[0], updates.shape[ax]
+    if indices.shape[0] != B or any(updates.shape[d] != self.shape[d] for d in range(nd) if d != ax) \
+            or L > self.shape[ax]:
+        _fail(op, f"updates {tuple(updates.shape)} must equal self {tuple(self.shape)} except along axis "
+                  f"{axis} (at most as long), and indices must have B = {B} entries, got {tuple(indices.shape)}")
+    if updates.dtype != self.dtype:
+        _fail(op, f"updates dtype {updates.dtype} must match the cache dtype {self.dtype}")
+    if _eager() and B and bool(((indices < 0) | (indices + L > self.shape[ax])).any()):
+        _fail(op, f"positions {indices.tolist()} + {L} rows run outside [0, {self.shape[ax]}) along axis {axis}")
+    start = indices.long().view([B] + [1] * (nd - 1))
+    offset = torch.arange(L, device=self.device).view([1] * ax + [L] + [1] * (nd - ax - 1))
+    return self.scatter_(ax, (start + offset).expand(updates.shape), updates)
+
+
+def npu_scatter_nd_update_(self, indices, updates):
+    """In-place scatter-ND: self[indices[i, :a]] = updates[i], with indices [n, a] (npu-ops §10, HEAD path).
+
+    updates has shape indices.shape[:-1] + self.shape[a:]; e.g. a paged cache [slots, Nkv, D] with
+    slot_mapping.view(-1, 1). Returns `self`.
+    """
+    op = "npu_scatter_nd_update_"
+    _tensor(op, "self", self)
+    _tensor(op, "indices", indices, INDEX_DTYPES)
+    _tensor(op, "updates", updates)
+    a = indices.shape[-1]
+    expected = tuple(indices.shape[:-1]) + tuple(self.shape[a:])
+    if indices.dim() < 1 or a > self.dim() or tuple(updates.shape) != expected:
+        _fail(op, f"updates must have shape indices.shape[:-1] + self.shape[a:] = {expected}, "
+                  f"got {tuple(updates.shape)}")
+    if updates.dtype != self.dtype:
+        _fail(op, f"updates dtype {updates.dtype} must match self dtype {self.dtype}")
+    return self.index_put_(tuple(indices[..., i].long() for i in range(a)), updates)
+
+
+def npu_format_cast(self, acl_format, *, customize_dtype=None, input_dtype=None):
+    """Change a tensor's internal NPU memory format (29 = FRACTAL_NZ for matmul weights; npu-ops §0).
+
+    The logical shape and values do not change, so off the NPU this returns `self` unchanged.
+    """
+    op = "npu_format_cast"
+    _tensor(op, "self", self)
+    if not isinstance(acl_format, INT_TYPES):
+        _fail(op, f"acl_format must be an int (2 = ND, 29 = FRACTAL_NZ), got {acl_format!r}")
+    _unsupported(op, customize_dtype=customize_dtype, input_dtype=input_dtype)
+    return self

@@ -99,14 +99,14 @@ class LMHead(nn.Module):
 class Attention(nn.Module):
     """Grouped-query attention with per-head q/k RMSNorm before RoPE, over the static cache."""
 
-    def __init__(self, cfg: ModelConfig, tp: TP):
+    def __init__(self, cfg: ModelConfig, tp: TP, norm: type = RMSNorm):
         super().__init__()
         self.cfg, self.tp = cfg, tp
         self.n_heads = cfg.num_attention_heads                                 # N
         self.n_kv = cfg.num_key_value_heads                                    # Nkv
         self.D = cfg.head_dim
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.q_norm = norm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = norm(cfg.head_dim, cfg.rms_norm_eps)
 
     def load(self, ckpt: Checkpoint, prefix: str, dtype: torch.dtype):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):                  # [out, in]
@@ -126,15 +126,20 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         q, k, v = self.project_qkv(x)
         q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotate_and_cache(q, k, v, rope, input_pos, k_cache, v_cache)
+        out = self.attend(q, k, v, k_cache, v_cache, input_pos, kv_len)        # [B, S, N, D]
+        return self.project_out(out.reshape(B, S, self.n_heads * self.D))
+
+    def rotate_and_cache(self, q, k, v, rope, input_pos, k_cache, v_cache):
+        """RoPE on q and k, then write k (rotated) and v (raw) at positions input_pos."""
         cos, sin = (t[:, None, :] for t in rope)                               # [S, 1, D]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        k_cache[:, input_pos] = k                                              # write positions input_pos
+        k_cache[:, input_pos] = k
         v_cache[:, input_pos] = v
-        out = self.attend(q, k_cache, v_cache, input_pos)                      # [B, S, N, D]
-        return self.project_out(out.reshape(B, S, self.n_heads * self.D))
+        return q, k
 
-    def attend(self, q, k_cache, v_cache, input_pos):
+    def attend(self, q, k, v, k_cache, v_cache, input_pos, kv_len):
         """softmax(q k^T / sqrt(D) + causal mask) v over the whole cache; unwritten slots are masked."""
         group = self.n_heads // self.n_kv
         k = k_cache.repeat_interleave(group, dim=2).transpose(1, 2)            # [B, N, S_max, D]
@@ -193,7 +198,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TP, parts: "Parts"):
         super().__init__()
         self.input_norm = parts.norm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = parts.attention(cfg, tp)
+        self.attn = parts.attention(cfg, tp, norm=parts.norm)
         self.post_norm = parts.norm(cfg.hidden_size, cfg.rms_norm_eps)
         self.moe = parts.moe(cfg, tp)
 

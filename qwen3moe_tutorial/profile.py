@@ -1,8 +1,9 @@
 """Profiling decode steps: operators per token and where the time goes (torch.profiler).
 
-- "Operators per token" counts the *top-level* aten operators one decode step dispatches, i.e.
-  those called from Python rather than from inside another aten operator. Each one is at least
-  one kernel launch on an accelerator, so this is the number graph mode and fusion drive down.
+- "Operators per token" counts the *top-level* operators one decode step dispatches, i.e. those
+  called from Python rather than from inside another operator; a fused op of `ops` counts once
+  (it is one kernel on the NPU), views and no-op conversions not at all. Each counted operator is
+  at least one kernel launch on an accelerator: the number fusion and graph mode drive down.
 - Works with any runner of generate.py; on an NPU, torch_npu's profiler is used by the final CLI
   (a later chapter); here torch.profiler's CPU activity is enough to count and rank operators.
 """
@@ -16,14 +17,22 @@ from collections import Counter
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from . import ops
 
-def _top_level_aten(events) -> list:
+
+def _is_op(name: str) -> bool:
+    return name.startswith(("aten::", "ops::"))
+
+
+def _dispatched(events) -> list:
+    """Operators called from Python: aten ops and fused ops ("ops::<name>" ranges) with no operator
+    above them. A fused op counts once, whatever its reference kernel calls underneath."""
     out = []
     for ev in events:
-        if not ev.name.startswith("aten::"):
+        if not _is_op(ev.name):
             continue
         parent = ev.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
+        while parent is not None and not _is_op(parent.name):
             parent = parent.cpu_parent
         if parent is None:
             out.append(ev)
@@ -53,7 +62,7 @@ def profile_decode(runner, prompt_ids: list[int], steps: int = 4, warmup: int = 
     for _ in range(warmup):
         token = runner.decode(token, pos).argmax(-1, keepdim=True)
         pos += 1
-    with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+    with quiet_native_stderr(), ops.annotate_ops(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             token = runner.decode(token, pos).argmax(-1, keepdim=True)
             pos += 1
@@ -71,6 +80,8 @@ MAYBE_NOOP_OPS = frozenset(("aten::to", "aten::contiguous", "aten::reshape", "at
 
 def is_kernel(ev) -> bool:
     """True when a top-level operator does work (not a view, not a no-op conversion)."""
+    if ev.name.startswith("ops::"):
+        return True
     if ev.name in VIEW_OPS:
         return False
     if ev.name in MAYBE_NOOP_OPS:             # a copy shows up as an aten child (_to_copy, clone, ...)
@@ -83,7 +94,7 @@ def ops_per_token(prof, include_views: bool = False) -> tuple[float, Counter]:
 
     Views and no-op conversions are left out unless `include_views`; the per-step `argmax` of the
     greedy loop is left out too: it is the sampler, not the model."""
-    events = [ev for ev in _top_level_aten(prof.events()) if include_views or is_kernel(ev)]
+    events = [ev for ev in _dispatched(prof.events()) if include_views or is_kernel(ev)]
     names = Counter(ev.name for ev in events)
     names.pop("aten::argmax", None)
     return sum(names.values()) / prof.steps, names

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from . import tp
+from . import fused, tp
 from .model import Parts
 from .parallel import TP
 
@@ -63,6 +63,23 @@ def moe_tp_w13_swiglu(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, parts=dataclasses.replace(recipe.parts, moe=tp.MoETPW13))
 
 
+def fused_routing_gmm(recipe: Recipe) -> Recipe:
+    """The expert loop replaced by gating top-k, init routing, two grouped matmuls and finalize."""
+    return dataclasses.replace(recipe, parts=dataclasses.replace(recipe.parts, moe=fused.FusedRoutingGMM))
+
+
+def fused_rmsnorm(recipe: Recipe) -> Recipe:
+    """rms_norm / add_rms_norm, with the residual carried through the norms (the recipe's protocol)."""
+    parts = dataclasses.replace(recipe.parts, norm=fused.FusedRMSNorm, layer=fused.FusedResidualLayer,
+                                model=fused.FusedResidualModel)
+    return dataclasses.replace(recipe, parts=parts)
+
+
+def fused_attention(recipe: Recipe) -> Recipe:
+    """In-place RoPE op, scatter_update_ cache writes, fused infer attention score (prefill and decode)."""
+    return dataclasses.replace(recipe, parts=dataclasses.replace(recipe.parts, attention=fused.FusedAttention))
+
+
 STEPS: tuple[Step, ...] = (
     Step("hf_baseline", "01_hf_baseline", "transformers Qwen3MoeForCausalLM, naive per-expert loop, no TP",
          hf_baseline),
@@ -73,6 +90,11 @@ STEPS: tuple[Step, ...] = (
     Step("merged_qkv", "04_merged_qkv", "q/k/v projections merged into one matmul per rank", merged_qkv),
     Step("moe_tp_w13_swiglu", "05_moe_tp_w13_swiglu", "experts split over ranks, gate+up merged into w13, "
          "swiglu op, all-reduce", moe_tp_w13_swiglu),
+    Step("fused_routing_gmm", "06_fused_routing_gmm", "gating top-k softmax, init routing, grouped matmul, "
+         "finalize routing", fused_routing_gmm),
+    Step("fused_rmsnorm", "07_fused_rmsnorm", "rms_norm / add_rms_norm with the residual add fused", fused_rmsnorm),
+    Step("fused_attention", "08_fused_attention", "fused infer attention score over the static KV cache, "
+         "in-place RoPE, scatter_update_ cache writes", fused_attention),
 )
 STEP_NAMES: tuple[str, ...] = tuple(s.name for s in STEPS)
 

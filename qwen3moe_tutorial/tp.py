@@ -41,8 +41,8 @@ def head_plan(cfg: ModelConfig, tp: TP) -> dict:
 class AttentionTP(Attention):
     """This rank's heads; o_proj split by input columns, so its output is a partial sum."""
 
-    def __init__(self, cfg: ModelConfig, tp: TP):
-        super().__init__(cfg, tp)
+    def __init__(self, cfg: ModelConfig, tp: TP, **kwargs):
+        super().__init__(cfg, tp, **kwargs)
         self.plan = head_plan(cfg, tp)
         self.n_heads, self.n_kv = len(self.plan["q_heads"]), len(self.plan["kv_heads"])   # N_r, Nkv_r
 

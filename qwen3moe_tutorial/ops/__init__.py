@@ -68,12 +68,34 @@ def _first_tensor(args, kwargs):
     return first[0] if isinstance(first, (list, tuple)) else first      # grouped matmul takes lists
 
 
+_annotate = False     # set by profile.annotate_ops(): label each call so a profile counts it as one operator
+
+
+@contextlib.contextmanager
+def annotate_ops():
+    """Inside this block every op call is wrapped in a profiler range named "ops::<name>", so a
+    profile counts a fused op as the one kernel it is on the NPU, not as its reference's aten ops."""
+    global _annotate
+    previous, _annotate = _annotate, True
+    try:
+        yield
+    finally:
+        _annotate = previous
+
+
 def _dispatcher(name: str):
     """Wrap reference.<name>: same signature and docstring, kernel chosen per call (cheap, compile-safe)."""
     ref = getattr(reference, name)
+    label = f"ops::{name}"
 
     @functools.wraps(ref)
     def op(*args, **kwargs):
+        if _annotate and not torch.compiler.is_compiling():
+            with torch.profiler.record_function(label):
+                return _call(*args, **kwargs)
+        return _call(*args, **kwargs)
+
+    def _call(*args, **kwargs):
         setting = _setting
         if setting == "reference" or (setting == "auto" and _first_tensor(args, kwargs).device.type != "npu"):
             return ref(*args, **kwargs)
@@ -105,4 +127,4 @@ OP_NAMES = (
 )
 
 __all__ = [*OP_NAMES, "OP_NAMES", "PROVIDERS", "ENV_VAR", "OpInputError", "use_provider", "provider_setting",
-           "current_provider", "reference"]
+           "current_provider", "annotate_ops", "reference"]

@@ -1,0 +1,148 @@
+"""Fused operators (ladder steps fused_routing_gmm, fused_rmsnorm, fused_attention; chapters 06-08).
+
+- Each class subclasses the previous step's part and routes its math through
+  `qwen3moe_tutorial.ops`, with torch_npu's signatures: the NPU kernels on an A3, the pure-PyTorch
+  references elsewhere. The calls are the A3 recipe's (npu-ops.md sections 2-10).
+- Weights change layout once, at load time: experts become [E, in, out] for grouped matmul.
+- Not here: graph capture (compile.py) and anything that changes numerics beyond op rounding.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .model import DecoderLayer, Qwen3MoeModel, RMSNorm
+from .parallel import all_reduce
+from .tp import AttentionMergedQKV, MoETPW13
+from .weights import Checkpoint
+
+ACL_FORMAT_FRACTAL_NZ = 29      # the NPU's internal matmul layout (a no-op off the NPU)
+
+
+# ---- fused_routing_gmm ---------------------------------------------------------------------------
+class FusedRoutingGMM(MoETPW13):
+    """Router, routing, all experts in two grouped matmuls, and the weighted scatter back: no loop."""
+
+    def load(self, ckpt: Checkpoint, prefix: str, dtype: torch.dtype):
+        super().load(ckpt, prefix, dtype)
+        self.w13 = nn.Parameter(ops.npu_format_cast(self.w13.transpose(1, 2).contiguous(), ACL_FORMAT_FRACTAL_NZ),
+                                requires_grad=False)                     # [E, H, 2*I_r]
+        self.w2 = nn.Parameter(ops.npu_format_cast(self.w2.transpose(1, 2).contiguous(), ACL_FORMAT_FRACTAL_NZ),
+                               requires_grad=False)                      # [E, I_r, H]
+
+    def gate(self, x: torch.Tensor):
+        """Top-k weights [T, K] (renormalised outside the op, as the recipe does) and expert ids (int32)."""
+        logits = F.linear(x, self.router)                                      # [T, E]
+        weights, experts, _ = ops.npu_moe_gating_top_k_softmax(logits, None, k=self.cfg.num_experts_per_tok)
+        if self.cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights, experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, H = x.shape
+        T, E, K = B * S, self.cfg.num_experts, self.cfg.num_experts_per_tok
+        x = x.view(T, H)
+        weights, experts = self.gate(x)                                        # [T, K]
+        rows, row_of, counts, _ = ops.npu_moe_init_routing_v2(                 # rows [T*K, H] by expert
+            x, experts, active_num=T * K, expert_num=E, expert_tokens_num_type=1,
+            expert_tokens_num_flag=True, active_expert_range=[0, E], quant_mode=-1)
+        gate_up = ops.npu_grouped_matmul([rows], [self.w13], group_list=counts, split_item=3,
+                                         group_type=0, group_list_type=1)[0]   # [T*K, 2*I_r]
+        act = ops.npu_swiglu(gate_up, dim=-1)                                  # [T*K, I_r]
+        down = ops.npu_grouped_matmul([act], [self.w2], group_list=counts, split_item=3,
+                                      group_type=0, group_list_type=1)[0]      # [T*K, H], partial
+        out = ops.npu_moe_finalize_routing(down, None, None, None, weights.to(down.dtype), row_of, None,
+                                           drop_pad_mode=2)                    # [T, H]
+        return all_reduce(out.view(B, S, H), self.tp)                          # S*H*bytes per token
+
+
+def moe_v1_path(moe: FusedRoutingGMM, x: torch.Tensor) -> torch.Tensor:
+    """The write-up's variant of the same block, before all-reduce: init_routing v1 (k-major
+    row_idx), compute_expert_tokens (cumulative group list) and finalize in drop_pad_mode 0."""
+    T, K = x.shape[0], moe.cfg.num_experts_per_tok
+    logits = F.linear(x, moe.router)
+    weights, experts, row_idx = ops.npu_moe_gating_top_k_softmax(logits, None, k=K)     # row_idx k-major
+    if moe.cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    rows, row_of, sorted_experts = ops.npu_moe_init_routing(x, row_idx, experts, T)
+    ends = ops.npu_moe_compute_expert_tokens(sorted_experts, moe.cfg.num_experts).to(torch.int64)
+    gate_up = ops.npu_grouped_matmul([rows], [moe.w13], group_list=ends, split_item=3, group_type=0,
+                                     group_list_type=0)[0]
+    down = ops.npu_grouped_matmul([ops.npu_swiglu(gate_up)], [moe.w2], group_list=ends, split_item=3,
+                                  group_type=0, group_list_type=0)[0]
+    return ops.npu_moe_finalize_routing(down, None, None, None, weights.to(down.dtype), row_of, None,
+                                        drop_pad_mode=0)
+
+
+# ---- fused_rmsnorm ---------------------------------------------------------------------------------
+class FusedRMSNorm(RMSNorm):
+    """npu_rms_norm (one rounding); `add_norm` fuses the residual add (npu_add_rms_norm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.npu_rms_norm(x, self.weight, epsilon=self.eps)[0]
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None):
+        """(normed, new residual): norm(x) and x itself when there is no residual yet (layer 0),
+        else norm(residual + x) and the sum — add_rms_norm's third output."""
+        if residual is None:
+            return self(x), x
+        y, _, total = ops.npu_add_rms_norm(residual, x, self.weight, epsilon=self.eps)
+        return y, total
+
+
+class FusedResidualLayer(DecoderLayer):
+    """The recipe's residual protocol: a layer takes and returns (hidden, residual) — the residual
+    add happens inside the next norm instead of as a separate operator."""
+
+    def forward(self, h, residual, rope, input_pos, kv_len, k_cache, v_cache):
+        h, residual = self.input_norm.add_norm(h, residual)
+        h = self.attn(h, rope, input_pos, kv_len, k_cache, v_cache)
+        h, residual = self.post_norm.add_norm(h, residual)
+        return self.moe(h), residual
+
+
+class FusedResidualModel(Qwen3MoeModel):
+    def trunk(self, x, rope, input_pos, kv_len) -> torch.Tensor:
+        h, residual = x, None
+        for layer, k_cache, v_cache in zip(self.layers, self.cache.k, self.cache.v):
+            h, residual = layer(h, residual, rope, input_pos, kv_len, k_cache, v_cache)
+        return self.norm.add_norm(h[:, -1], residual[:, -1])[0]                # final add + norm
+
+
+# ---- fused_attention -----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def causal_mask_2048(device: torch.device) -> torch.Tensor:
+    """The compressed causal mask FIA's sparse_mode 2 expects: True above the diagonal (masked)."""
+    return torch.triu(torch.ones(2048, 2048, dtype=torch.bool, device=device), diagonal=1)
+
+
+class FusedAttention(AttentionMergedQKV):
+    """In-place RoPE op, scatter_update_ cache writes and fused infer attention (FIA): the prompt
+    kernel over the fresh K/V in prefill, the incremental kernel over the cache in decode."""
+
+    def rotate_and_cache(self, q, k, v, rope, input_pos, k_cache, v_cache):
+        B, S = q.shape[:2]
+        cos, sin = (t[None, :, None, :].expand(B, S, 1, self.D) for t in rope)   # [B, S, 1, D]
+        q, k = ops.npu_apply_rotary_pos_emb(q, k, cos, sin, layout="BSND")      # in place
+        start = input_pos[:1].expand(B)                                          # [B] write offsets
+        ops.scatter_update_(k_cache.view(B, k_cache.shape[1], -1), start, k.reshape(B, S, -1), -2)
+        ops.scatter_update_(v_cache.view(B, v_cache.shape[1], -1), start, v.reshape(B, S, -1), -2)
+        return q, k
+
+    def attend(self, q, k, v, k_cache, v_cache, input_pos, kv_len):
+        B, S = q.shape[:2]
+        heads = dict(num_heads=self.n_heads, num_key_value_heads=self.n_kv, scale=self.D ** -0.5,
+                     input_layout="BSH")
+        if S > 1:   # prefill from position 0: the prompt kernel, causal, over the fresh states
+            out, _ = ops.npu_fused_infer_attention_score(
+                q.reshape(B, S, -1), k.reshape(B, S, -1), v.reshape(B, S, -1),
+                atten_mask=causal_mask_2048(q.device), sparse_mode=2, next_tokens=0, **heads)
+        else:       # decode: the incremental kernel over the static cache, kv_len valid positions
+            out, _ = ops.npu_fused_infer_attention_score(
+                q.reshape(B, 1, -1), k_cache.view(B, k_cache.shape[1], -1), v_cache.view(B, v_cache.shape[1], -1),
+                actual_seq_lengths_kv=[kv_len] * B, **heads)
+        return out.view(B, S, self.n_heads, self.D)                            # [B, S, N_r, D]

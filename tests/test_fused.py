@@ -1,0 +1,100 @@
+"""Fused steps (chapters 06-08): same tokens as Hugging Face, and each fusion equals what it replaces."""
+import pytest
+import torch
+
+from qwen3moe_tutorial import fused, parallel
+from qwen3moe_tutorial.generate import greedy_generate
+from qwen3moe_tutorial.hf import HFRunner, load_hf_model
+from qwen3moe_tutorial.parallel import TP
+from qwen3moe_tutorial.profile import ops_per_token, profile_decode
+from qwen3moe_tutorial.steps import STEP_NAMES, build_runner, generate_on_rank, recipe_upto
+from qwen3moe_tutorial.weights import Checkpoint
+
+PROMPT = [286, 1005, 905, 934, 293, 344, 399, 258, 526, 13]
+FUSED = ("fused_routing_gmm", "fused_rmsnorm", "fused_attention")
+
+
+def job(path, upto, n, dtype=torch.float32):
+    return {"model_path": path, "upto": upto, "dtype": dtype, "device_kind": "cpu", "max_len": 64,
+            "prompt_ids": PROMPT, "max_new_tokens": n, "eos_token_id": None}
+
+
+@pytest.fixture(scope="module")
+def hf_tokens(tiny_ckpt, other_ckpt):
+    return {p: greedy_generate(HFRunner(load_hf_model(p)), PROMPT, 24).token_ids for p in (tiny_ckpt, other_ckpt)}
+
+
+@pytest.mark.parametrize("upto", FUSED)
+def test_each_fused_step_matches_hf_single_rank(upto, tiny_ckpt, other_ckpt, hf_tokens):
+    for path in (tiny_ckpt, other_ckpt):
+        runner = build_runner(recipe_upto(upto), path, max_len=64)
+        assert greedy_generate(runner, PROMPT, 24).token_ids == hf_tokens[path]
+
+
+@pytest.mark.parametrize("upto, size, n", [("fused_routing_gmm", 2, 8), ("fused_rmsnorm", 2, 8),
+                                           ("fused_attention", 2, 8), ("fused_attention", 4, 6),
+                                           ("fused_attention", 8, 3)])
+def test_fused_steps_under_tp(upto, size, n, tiny_ckpt, hf_tokens):
+    out = parallel.run_on_ranks(generate_on_rank, size, (job(tiny_ckpt, upto, n),))
+    assert out["token_ids"] == hf_tokens[tiny_ckpt][:n]
+
+
+def test_logits_match_hf_float32(tiny_ckpt):
+    ours = build_runner(recipe_upto("fused_attention"), tiny_ckpt, max_len=64)
+    theirs = HFRunner(load_hf_model(tiny_ckpt))
+    ids = torch.tensor([PROMPT])
+    worst = (ours.prefill(ids) - theirs.prefill(ids)).abs().max().item()
+    token = torch.tensor([[5]])
+    for pos in range(len(PROMPT), len(PROMPT) + 6):
+        a, b = ours.decode(token, pos), theirs.decode(token, pos)
+        worst = max(worst, (a - b).abs().max().item())
+        token = b.argmax(-1, keepdim=True)
+    assert worst <= 1e-4
+
+
+def test_bfloat16_within_tolerance_of_hf_bfloat16(tiny_ckpt):
+    """bf16: the fused ops round differently from HF (one rounding in norms, top-k on rounded
+    probabilities), so compare logits with a tolerance and tokens on the embedded default."""
+    ours = build_runner(recipe_upto("fused_attention"), tiny_ckpt, dtype=torch.bfloat16, max_len=64)
+    theirs = HFRunner(load_hf_model(tiny_ckpt, dtype=torch.bfloat16))
+    ids = torch.tensor([PROMPT])
+    a, b = ours.prefill(ids), theirs.prefill(ids)
+    assert (a - b).abs().max().item() <= 0.05 * b.abs().max().item()
+    mine = greedy_generate(ours, PROMPT, 12).token_ids
+    ref = greedy_generate(theirs, PROMPT, 12).token_ids
+    assert sum(x == y for x, y in zip(mine, ref)) >= 10         # same tokens, up to a late near-tie
+
+
+def test_v1_and_v2_routing_give_the_same_moe_output(tiny_ckpt):
+    ckpt = Checkpoint(tiny_ckpt)
+    model = recipe_upto("fused_routing_gmm").parts.build(ckpt.config, TP(), max_len=16).load(ckpt)
+    moe = model.layers[1].moe
+    x = torch.randn(7, ckpt.config.hidden_size)
+    v2 = moe(x.view(1, 7, -1)).view(7, -1)
+    v1 = fused.moe_v1_path(moe, x)
+    loop = recipe_upto("moe_tp_w13_swiglu").parts.build(ckpt.config, TP(), max_len=16).load(ckpt).layers[1].moe
+    assert torch.allclose(v1, v2, atol=1e-5) and torch.allclose(v2, loop(x.view(1, 7, -1)).view(7, -1), atol=1e-5)
+
+
+def test_residual_protocol_equals_plain_adds(tiny_ckpt):
+    ckpt = Checkpoint(tiny_ckpt)
+    norm = recipe_upto("fused_rmsnorm").parts.build(ckpt.config, TP(), max_len=16).load(ckpt).layers[0].post_norm
+    plain = recipe_upto("reference").parts.build(ckpt.config, TP(), max_len=16).load(ckpt).layers[0].post_norm
+    h, res = torch.randn(1, 3, 128), torch.randn(1, 3, 128)
+    y, total = norm.add_norm(h, res)
+    assert torch.equal(total, res + h) and torch.allclose(y, plain(res + h), atol=1e-6)
+    y0, first = norm.add_norm(h, None)
+    assert first is h and torch.allclose(y0, plain(h), atol=1e-6)
+
+
+def test_operator_counts_fall_along_the_ladder(tiny_ckpt):
+    counts = {}
+    for step in STEP_NAMES[1:]:
+        runner = build_runner(recipe_upto(step), tiny_ckpt, max_len=64)
+        counts[step] = ops_per_token(profile_decode(runner, PROMPT, steps=2, warmup=1))[0]
+    assert counts["merged_qkv"] < counts["attention_tp"]
+    cfg = Checkpoint(tiny_ckpt).config
+    loop_visits = cfg.num_hidden_layers * cfg.num_experts_per_tok
+    assert counts["fused_routing_gmm"] <= counts["moe_tp_w13_swiglu"] - 4 * loop_visits   # the loop is gone
+    assert counts["fused_rmsnorm"] < counts["fused_routing_gmm"]
+    assert counts["fused_attention"] < counts["fused_rmsnorm"]

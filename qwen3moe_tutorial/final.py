@@ -19,8 +19,8 @@ import torch
 
 from . import parallel, platform
 from .config import ConfigError, ModelConfig
-from .steps import STEP_NAMES, check_parallel, generate_on_rank, recipe_upto
-from .weights import CheckpointError, default_checkpoint
+from .steps import STEP_NAMES, check_parallel, generate_on_rank, launcher_env, recipe_upto
+from .weights import CheckpointError, cache_root, default_checkpoint
 
 DEFAULT_PROMPT = "The Ascend NPU decodes one token at a time."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -55,9 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("max_new_tokens", "max_seq_len", "tp"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for flag, value in (("--profile", args.profile), ("--compile-cache", args.compile_cache)):
-        if value:   # accepted by the contract, implemented by later chapters: refuse rather than ignore
-            p.error(f"{flag} is not available in this version of the package")
+    if args.profile:   # accepted by the contract, implemented by a later chapter: refuse rather than ignore
+        p.error("--profile is not available in this version of the package")
+    if args.compile_cache and STEP_NAMES.index(args.upto) < STEP_NAMES.index("compile_cache"):
+        p.error(f"--compile-cache needs the compile_cache step, but --upto {args.upto} stops before it")
     return args
 
 
@@ -107,9 +108,11 @@ def run(args: argparse.Namespace) -> dict | None:
                          f"({cfg.max_position_embeddings})")
     recipe = recipe_upto(args.upto)
     check_parallel(recipe, cfg, args.tp)
+    os.environ.update(launcher_env(recipe))          # before any process group exists (aiv step)
     job = {"model_path": model_path, "upto": args.upto, "dtype": DTYPES[args.dtype], "device_kind": device_kind,
            "max_len": args.max_seq_len, "prompt_ids": prompt_ids, "max_new_tokens": args.max_new_tokens,
-           "eos_token_id": None if args.ignore_eos else getattr(tokenizer, "eos_token_id", None)}
+           "eos_token_id": None if args.ignore_eos else getattr(tokenizer, "eos_token_id", None),
+           "compile_cache": args.compile_cache or os.path.join(cache_root(), "compile")}
     gen = parallel.run_on_ranks(generate_on_rank, args.tp, (job,), device_kind)
     if gen is None:                                  # torchrun rank > 0: rank 0 reports
         return None
@@ -118,10 +121,11 @@ def run(args: argparse.Namespace) -> dict | None:
         "token_ids": gen["token_ids"], "text": tokenizer.decode(gen["token_ids"]) if tokenizer else None,
         "prompt": None if args.prompt_ids else args.prompt, "prompt_token_ids": prompt_ids,
         **{k: gen[k] for k in ("prefill_ms", "decode_ms_per_token", "decode_ms", "first_decode_ms",
-                               "compile_s", "bytes_read_per_rank")},
+                               "compile_s", "bytes_read_per_rank", "compile_cache_hit")},
         "steps": list(recipe.steps), "upto": args.upto, "engine": recipe.engine,
         "world_size": args.tp, "tp": args.tp, "devices": devices,
         "cards": devices / 2 if device_kind == "npu" else None,        # an A3 card holds 2 dies
+        "compile_cache": job["compile_cache"] if "compile_cache" in recipe.steps else None,
         "launcher": "torchrun" if parallel.launched_by_torchrun() else ("spawn" if args.tp > 1 else "single"),
         "device": device_kind, "dtype": args.dtype, "model_path": os.path.abspath(model_path),
         "max_new_tokens": args.max_new_tokens, "max_seq_len": args.max_seq_len,

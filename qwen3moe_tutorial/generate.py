@@ -73,7 +73,7 @@ def greedy_generate(runner, prompt_ids: list[int], max_new_tokens: int, device_k
 class ModelRunner:
     """Adapts our model to the runner protocol (positions as a tensor, so shapes stay static)."""
 
-    def __init__(self, model):
+    def __init__(self, model, **options):
         self.model = model
         self.compile_s = 0.0
 

@@ -268,7 +268,11 @@ class Qwen3MoeModel(nn.Module):
         S = ids.shape[1]
         if S > self.max_len:
             raise ValueError(f"prompt of {S} tokens does not fit the KV cache ({self.max_len} positions)")
-        self.allocate_cache(ids.shape[0])
+        if self.cache is None or self.cache.k[0].shape[0] != ids.shape[0]:
+            self.allocate_cache(ids.shape[0])
+        else:                       # reuse the buffers: a captured graph holds their addresses
+            for t in self.cache.k + self.cache.v:
+                t.zero_()
         return self(ids, torch.arange(S, device=ids.device), S)
 
     @torch.no_grad()

@@ -231,3 +231,37 @@ def allreduce_selftest(tp: TP, fail_rank: int | None = None, crash_rank: int | N
         os._exit(13)
     all_reduce(x, tp)                                 # survivors block here until stopped
     return {"world_size": tp.size, "sum": x.item()}
+
+
+def allreduce_benchmark(tp: TP, sizes_bytes: list[int], iters: int = 50, warmup: int = 5,
+                        dtype: torch.dtype = torch.bfloat16, device_kind: str = "cpu") -> dict:
+    """Median latency (µs) of an all-reduce per message size, measured on every rank; rank 0's
+    numbers are returned with the environment that chose the algorithm (HCCL_OP_EXPANSION_MODE)."""
+    if device_kind == "cpu" and dtype == torch.bfloat16:
+        dtype = torch.float32 if not _gloo_supports(dtype) else dtype
+    device = platform.torch_device(device_kind, int(os.environ.get("LOCAL_RANK", tp.rank)))
+    element = torch.tensor([], dtype=dtype).element_size()
+    out = {"sizes_bytes": [], "median_us": [], "dtype": str(dtype), "world_size": tp.size,
+           "env": platform.relevant_env()}
+    for size in sizes_bytes:
+        x = torch.ones(max(1, size // element), dtype=dtype, device=device)
+        times = []
+        for i in range(warmup + iters):
+            all_reduce(x, tp)                          # the clock reads below synchronise the device
+            t0 = platform.now_ms(device_kind)
+            all_reduce(x, tp)
+            if i >= warmup:
+                times.append((platform.now_ms(device_kind) - t0) * 1e3)
+        times.sort()
+        out["sizes_bytes"].append(x.numel() * element)
+        out["median_us"].append(times[len(times) // 2])
+    return out
+
+
+def _gloo_supports(dtype: torch.dtype) -> bool:
+    try:
+        group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        dist.all_reduce(torch.ones(1, dtype=dtype), group=group)
+        return True
+    except (RuntimeError, TypeError):
+        return False

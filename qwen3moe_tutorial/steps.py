@@ -14,16 +14,20 @@ from typing import Callable
 
 import torch
 
-from . import fused, tp
+from . import compile, fused, tp
+from .generate import ModelRunner
 from .model import Parts
 from .parallel import TP
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """What to build: the engine (transformers or ours), our model's parts, the enabled steps."""
+    """What to build: the engine (transformers or ours), our model's parts, how decode is run
+    (eager or a compiled graph), the launcher's environment, and the enabled steps."""
     engine: str = "hf"
     parts: Parts = field(default_factory=Parts)
+    runner: type = ModelRunner
+    env: tuple[tuple[str, str], ...] = ()
     steps: tuple[str, ...] = ()
 
 
@@ -80,6 +84,21 @@ def fused_attention(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, parts=dataclasses.replace(recipe.parts, attention=fused.FusedAttention))
 
 
+def graph_mode(recipe: Recipe) -> Recipe:
+    """Decode compiled into one static graph (torchair GE on NPU, torch.compile elsewhere)."""
+    return dataclasses.replace(recipe, runner=compile.GraphRunner)
+
+
+def compile_cache(recipe: Recipe) -> Recipe:
+    """The compiled graph cached on disk under a key that covers code, config and versions."""
+    return dataclasses.replace(recipe, runner=compile.CachedGraphRunner)
+
+
+def aiv(recipe: Recipe) -> Recipe:
+    """The launcher sets HCCL_OP_EXPANSION_MODE=AIV: collectives orchestrated on the vector cores."""
+    return dataclasses.replace(recipe, env=recipe.env + (("HCCL_OP_EXPANSION_MODE", "AIV"),))
+
+
 STEPS: tuple[Step, ...] = (
     Step("hf_baseline", "01_hf_baseline", "transformers Qwen3MoeForCausalLM, naive per-expert loop, no TP",
          hf_baseline),
@@ -95,6 +114,11 @@ STEPS: tuple[Step, ...] = (
     Step("fused_rmsnorm", "07_fused_rmsnorm", "rms_norm / add_rms_norm with the residual add fused", fused_rmsnorm),
     Step("fused_attention", "08_fused_attention", "fused infer attention score over the static KV cache, "
          "in-place RoPE, scatter_update_ cache writes", fused_attention),
+    Step("graph_mode", "09_graph_mode", "decode as one static compiled graph: torchair GE on NPU, "
+         "torch.compile elsewhere", graph_mode),
+    Step("compile_cache", "10_compile_cache", "compiled graph cached on disk and reused by the next process",
+         compile_cache),
+    Step("aiv", "11_aiv_collectives", "HCCL_OP_EXPANSION_MODE=AIV set by the launcher", aiv),
 )
 STEP_NAMES: tuple[str, ...] = tuple(s.name for s in STEPS)
 
@@ -130,9 +154,9 @@ def check_parallel(recipe: Recipe, cfg, size: int) -> None:
 
 
 def build_runner(recipe: Recipe, model_path: str, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", tp_ctx: TP = TP(), max_len: int = 512):
+                 device: torch.device | str = "cpu", tp_ctx: TP = TP(), max_len: int = 512,
+                 compile_cache: str | None = None):
     """Load the checkpoint into the recipe's engine; return a runner (generate.py protocol)."""
-    from .generate import ModelRunner
     from .hf import HFRunner, load_hf_model
     from .weights import Checkpoint
 
@@ -142,9 +166,15 @@ def build_runner(recipe: Recipe, model_path: str, *, dtype: torch.dtype = torch.
         ckpt.validate()                            # the same clear errors as our loader
         return HFRunner(load_hf_model(model_path, dtype=dtype, device=device))
     model = recipe.parts.build(ckpt.config, tp_ctx, max_len=max_len, dtype=dtype).load(ckpt)
-    runner = ModelRunner(model.to(device))
+    runner = recipe.runner(model.to(device), device_kind=torch.device(device).type, steps=recipe.steps,
+                           compile_cache=compile_cache)
     runner.bytes_read = ckpt.bytes_read
     return runner
+
+
+def launcher_env(recipe: Recipe) -> dict:
+    """Environment variables the recipe asks the launcher to set; the user's own settings win."""
+    return {k: os.environ.get(k, v) for k, v in recipe.env}
 
 
 def generate_on_rank(tp_ctx: TP, job: dict) -> dict:
@@ -157,11 +187,12 @@ def generate_on_rank(tp_ctx: TP, job: dict) -> dict:
 
     device = platform.torch_device(job["device_kind"], int(os.environ.get("LOCAL_RANK", tp_ctx.rank)))
     runner = build_runner(recipe_upto(job["upto"]), job["model_path"], dtype=job["dtype"], device=device,
-                          tp_ctx=tp_ctx, max_len=job["max_len"])
+                          tp_ctx=tp_ctx, max_len=job["max_len"], compile_cache=job.get("compile_cache"))
     gen = greedy_generate(runner, job["prompt_ids"], job["max_new_tokens"], job["device_kind"],
                           eos_token_id=job["eos_token_id"], device=device)
     bytes_read = [getattr(runner, "bytes_read", None)]
     if tp_ctx.size > 1:
         bytes_read = [None] * tp_ctx.size
         dist.all_gather_object(bytes_read, getattr(runner, "bytes_read", None))
-    return {**gen.to_dict(), "bytes_read_per_rank": bytes_read}
+    return {**gen.to_dict(), "bytes_read_per_rank": bytes_read,
+            "compile_cache_hit": getattr(runner, "cache_hit", None)}

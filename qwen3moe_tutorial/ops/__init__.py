@@ -68,6 +68,7 @@ def _first_tensor(args, kwargs):
     return first[0] if isinstance(first, (list, tuple)) else first      # grouped matmul takes lists
 
 
+torch.compiler.is_compiling()   # import dynamo now, not inside the first (timed) op call
 _annotate = False     # set by profile.annotate_ops(): label each call so a profile counts it as one operator
 
 

@@ -1,0 +1,210 @@
+"""Graph mode and the compile cache (ladder steps graph_mode, compile_cache; chapters 09-10).
+
+- `GraphRunner` compiles the decode step into one static graph: torchair's GE backend on an NPU
+  (the recipe's CompilerConfig), CUDA graphs on a GPU, inductor on a CPU; always fullgraph=True,
+  so a graph break is an error, and the KV cache is marked static. Prefill stays eager.
+- `CachedGraphRunner` keeps the compiled graph on disk for the next process, under a key that
+  covers everything that changes the graph (config, steps, TP size and rank, dtype, package source,
+  library versions): torchair hashes only the module repr and runs loaded graphs without guards.
+- Without the cache every process compiles from scratch (a private inductor cache directory), so
+  the two steps can be compared honestly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+from . import platform
+from .generate import ModelRunner
+from .weights import cache_root
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+MANIFEST = "manifest.json"
+
+
+# ---- compiling -----------------------------------------------------------------------------------
+def npu_compiler_config(mode: str = "max-autotune"):
+    """torchair's CompilerConfig as the recipe sets it (npu-ops.md section 11)."""
+    from torch_npu.dynamo import torchair
+
+    config = torchair.CompilerConfig()
+    config.experimental_config.frozen_parameter = True
+    config.experimental_config.tiling_schedule_optimize = True
+    config.experimental_config.topology_sorting_strategy = "StableRDFS"
+    if mode == "reduce-overhead":                          # ACL graph capture instead of a GE graph
+        config.mode = "reduce-overhead"
+    return config
+
+
+def compile_decode(model, device_kind: str, npu_mode: str = "max-autotune"):
+    """`model.decode` as one compiled graph for this device; collectives included (fullgraph)."""
+    if device_kind == "npu":
+        from torch_npu.dynamo import torchair
+
+        torchair.patch_for_hcom()                          # in-place collectives traced into the graph
+        backend = torchair.get_npu_backend(compiler_config=npu_compiler_config(npu_mode))
+        return torch.compile(model.decode, dynamic=True, fullgraph=True, backend=backend)
+    if device_kind == "cuda":
+        return torch.compile(model.decode, dynamic=True, fullgraph=True, mode="reduce-overhead")
+    return torch.compile(model.decode, dynamic=True, fullgraph=True)
+
+
+def mark_static(model) -> None:
+    """The recipe marks every decode input static, the KV cache included: only the lengths stay symbolic."""
+    for t in model.cache.k + model.cache.v:
+        torch._dynamo.mark_static(t)
+
+
+@functools.lru_cache(maxsize=None)
+def private_inductor_cache() -> str:
+    """A fresh inductor cache directory for this process, so nothing leaks between processes
+    except through our own, keyed compile cache."""
+    return tempfile.mkdtemp(prefix="qwen3moe-inductor-")
+
+
+class GraphRunner(ModelRunner):
+    """Eager prefill; decode through a graph compiled on its first call (timed as compile_s)."""
+
+    def __init__(self, model, device_kind: str = "cpu", **options):
+        super().__init__(model)
+        self.device_kind, self.options = device_kind, options
+        self.compiled = None
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.model.prefill(ids)                  # allocates (once) and fills the static cache
+        mark_static(self.model)
+        return logits
+
+    def decode(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        if pos >= self.model.max_len:
+            raise ValueError(f"position {pos} is past the KV cache ({self.model.max_len} positions)")
+        input_pos = torch.tensor([pos], device=ids.device)
+        if self.compiled is None:
+            t0 = platform.now_ms(self.device_kind)
+            self.compiled = self.compile()
+            logits = self.compiled(ids, input_pos, pos + 1)  # the first call traces and compiles
+            self.compile_s = (platform.now_ms(self.device_kind) - t0) / 1e3
+            self.after_first_call()
+            return logits
+        return self.compiled(ids, input_pos, pos + 1)
+
+    def compile(self):
+        if self.device_kind == "cpu":
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = private_inductor_cache()
+        return compile_decode(self.model, self.device_kind, self.options.get("npu_mode", "max-autotune"))
+
+    def after_first_call(self) -> None:
+        pass
+
+
+# ---- the compile cache ---------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def source_digest(root: str = PACKAGE_DIR) -> str:
+    """sha256 over every .py file of the package (path and bytes): any code edit changes it."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                h.update(os.path.relpath(path, root).encode())
+                with open(path, "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()
+
+
+def cache_key(model, steps, device_kind: str, npu_mode: str = "max-autotune") -> tuple[str, dict]:
+    """The key of a compiled decode graph and the fields it covers."""
+    v = platform.versions()
+    fields = {
+        "config": {k: v for k, v in dataclasses.asdict(model.cfg).items() if k != "name"},
+        "steps": list(steps), "tp_size": model.tp.size, "tp_rank": model.tp.rank,
+        "dtype": str(model.dtype), "max_len": model.max_len, "batch": model.cache.k[0].shape[0],
+        "device_kind": device_kind, "npu_mode": npu_mode if device_kind == "npu" else None,
+        "source_sha256": source_digest(), "torch": v["torch"], "torch_npu": v["torch_npu"],
+        "cann": v["cann"], "python": v["python"],
+    }
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+    return key, fields
+
+
+def _tree_digest(root: str) -> dict[str, str]:
+    """sha256 of every file under `root`, by relative path."""
+    out = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+class CachedGraphRunner(GraphRunner):
+    """GraphRunner whose compiled graph lives in `<cache_dir>/<key>/rank<r>` and is reused by the
+    next process with the same key. A manifest records the key's fields and a checksum of every
+    file; anything that does not verify is deleted and rebuilt, with a warning."""
+
+    def compile(self):
+        root = self.options.get("compile_cache") or os.path.join(cache_root(), "compile")
+        self.fields = cache_key(self.model, self.options.get("steps", ()), self.device_kind,
+                                self.options.get("npu_mode", "max-autotune"))
+        self.cache_dir = os.path.join(root, self.fields[0], f"rank{self.model.tp.rank}")
+        self.cache_hit = self._verify()
+        os.makedirs(self.cache_dir, exist_ok=True)
+        if self.device_kind == "npu":
+            return self._torchair_cache()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(self.cache_dir, "inductor")
+        from torch._inductor.utils import clear_caches
+        clear_caches()                                     # forget the previous directory's in-memory state
+        return compile_decode(self.model, self.device_kind)
+
+    def _torchair_cache(self):
+        from torch_npu.dynamo import torchair
+
+        torchair.patch_for_hcom()
+        mode = self.options.get("npu_mode", "max-autotune")
+        return torchair.inference.cache_compile(self.model.decode, config=npu_compiler_config(mode), dynamic=True,
+                                                cache_dir=os.path.join(self.cache_dir, "torchair"),
+                                                global_rank=self.model.tp.rank, tp_rank=self.model.tp.rank,
+                                                ge_cache=mode != "reduce-overhead")
+
+    def _verify(self) -> bool:
+        """True if the directory holds a complete cache for exactly this key; else clear it."""
+        path = os.path.join(self.cache_dir, MANIFEST)
+        if not os.path.isdir(self.cache_dir):
+            return False
+        try:
+            with open(path) as f:
+                manifest = json.load(f)
+            files = {k: v for k, v in _tree_digest(self.cache_dir).items() if k != MANIFEST}
+            if manifest["fields"] != self.fields[1]:
+                raise ValueError("its key fields differ from this run's")
+            if manifest["files"] != files:
+                raise ValueError("its files do not match their checksums")
+            return True
+        except Exception as e:                              # missing, partial, corrupt or foreign
+            if os.path.exists(path) or os.listdir(self.cache_dir):
+                warnings.warn(f"compile cache {self.cache_dir} is unusable ({type(e).__name__}: {e}); "
+                              f"rebuilding it", stacklevel=3)
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+            return False
+
+    def after_first_call(self) -> None:
+        if self.cache_hit:
+            return
+        files = {k: v for k, v in _tree_digest(self.cache_dir).items() if k != MANIFEST}
+        tmp = os.path.join(self.cache_dir, f".{MANIFEST}.{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump({"key": self.fields[0], "fields": self.fields[1], "files": files,
+                       "written": time.time(), "argv": sys.argv}, f, indent=1)
+        os.replace(tmp, os.path.join(self.cache_dir, MANIFEST))      # the cache exists once this lands

@@ -1,0 +1,126 @@
+"""Graph mode, compile cache and the aiv launcher step (chapters 09-11)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from qwen3moe_tutorial import compile as compile_py, parallel
+from qwen3moe_tutorial.generate import greedy_generate
+from qwen3moe_tutorial.hf import HFRunner, load_hf_model
+from qwen3moe_tutorial.steps import build_runner, generate_on_rank, launcher_env, recipe_upto
+
+PROMPT = [286, 1005, 905, 934, 293, 344, 399, 258, 526, 13]
+
+
+@pytest.fixture(scope="module")
+def hf_tokens(tiny_ckpt):
+    return greedy_generate(HFRunner(load_hf_model(tiny_ckpt)), PROMPT, 12).token_ids
+
+
+def test_graph_mode_single_graph_same_tokens(tiny_ckpt, hf_tokens):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    runner = build_runner(recipe_upto("graph_mode"), tiny_ckpt, max_len=64)
+    gen = greedy_generate(runner, PROMPT, 12)
+    assert gen.token_ids == hf_tokens
+    assert gen.compile_s > 0 and gen.first_decode_ms >= 1e3 * gen.compile_s * 0.99
+    assert not torch._dynamo.utils.counters["graph_break"]                   # fullgraph: one graph
+    assert sum(torch._dynamo.utils.counters["stats"].get(k, 0) for k in ("unique_graphs",)) == 1
+    again = greedy_generate(runner, PROMPT, 12)                               # no recompile on reuse
+    assert again.token_ids == hf_tokens and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_graph_mode_with_collectives_in_the_graph(tiny_ckpt, hf_tokens):
+    job = {"model_path": tiny_ckpt, "upto": "graph_mode", "dtype": torch.float32, "device_kind": "cpu",
+           "max_len": 64, "prompt_ids": PROMPT, "max_new_tokens": 5, "eos_token_id": None}
+    out = parallel.run_on_ranks(generate_on_rank, 2, (job,))
+    assert out["token_ids"] == hf_tokens[:5] and out["compile_s"] > 0
+
+
+def run_final(*args):
+    p = subprocess.run([sys.executable, "-m", "qwen3moe_tutorial.final", *args], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_compile_cache_across_processes(tmp_path, tiny_ckpt, other_ckpt, hf_tokens):
+    cache = tmp_path / "cache"
+    common = ["--upto", "compile_cache", "--compile-cache", str(cache), "--prompt-ids", ",".join(map(str, PROMPT)),
+              "--max-new-tokens", "12", "--max-seq-len", "64"]
+    results = []
+    for i in range(2):
+        run_final("--model-path", tiny_ckpt, *common, "--json", str(tmp_path / f"r{i}.json"))
+        results.append(json.load(open(tmp_path / f"r{i}.json")))
+    first, second = results
+    assert first["token_ids"] == second["token_ids"] == hf_tokens
+    assert first["compile_cache_hit"] is False and second["compile_cache_hit"] is True
+    assert second["compile_s"] < first["compile_s"]
+    keys = os.listdir(cache)
+    assert len(keys) == 1 and os.path.isfile(cache / keys[0] / "rank0" / "manifest.json")
+    # another config: a new key, never the old graph
+    run_final("--model-path", other_ckpt, *common, "--json", str(tmp_path / "other.json"))
+    other = json.load(open(tmp_path / "other.json"))
+    assert other["compile_cache_hit"] is False and len(os.listdir(cache)) == 2
+    ref = greedy_generate(HFRunner(load_hf_model(other_ckpt)), PROMPT, 12).token_ids
+    assert other["token_ids"] == ref
+
+
+def test_cache_key_covers_what_changes_the_graph(tmp_path, tiny_ckpt, other_ckpt, monkeypatch):
+    def key(path, upto="compile_cache", dtype=torch.float32, max_len=64):
+        runner = build_runner(recipe_upto(upto), path, dtype=dtype, max_len=max_len)
+        runner.model.allocate_cache(1)
+        return compile_py.cache_key(runner.model, recipe_upto(upto).steps, "cpu")[0]
+
+    base = key(tiny_ckpt)
+    assert key(tiny_ckpt) == base
+    assert key(other_ckpt) != base
+    assert key(tiny_ckpt, dtype=torch.bfloat16) != base
+    assert key(tiny_ckpt, max_len=32) != base
+    assert key(tiny_ckpt, upto="aiv") != base
+    # a source edit changes the digest, hence the key
+    copy = shutil.copytree(compile_py.PACKAGE_DIR, tmp_path / "pkg", ignore=shutil.ignore_patterns("__pycache__"))
+    assert compile_py.source_digest(str(copy)) == compile_py.source_digest()
+    edited_copy = shutil.copytree(copy, tmp_path / "edited")
+    with open(edited_copy / "model.py", "a") as f:
+        f.write("\n# an edit\n")
+    edited = compile_py.source_digest(str(edited_copy))
+    assert edited != compile_py.source_digest()
+    monkeypatch.setattr(compile_py, "source_digest", lambda root=None: edited)
+    assert key(tiny_ckpt) != base
+
+
+def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path, tiny_ckpt, hf_tokens):
+    cache = str(tmp_path / "cache")
+    first = build_runner(recipe_upto("compile_cache"), tiny_ckpt, max_len=64, compile_cache=cache)
+    assert greedy_generate(first, PROMPT, 4).token_ids == hf_tokens[:4] and first.cache_hit is False
+    victim = next(os.path.join(d, f) for d, _, fs in os.walk(first.cache_dir) for f in fs if f.endswith(".py"))
+    with open(victim, "a") as f:
+        f.write("garbage")
+    torch._dynamo.reset()
+    second = build_runner(recipe_upto("compile_cache"), tiny_ckpt, max_len=64, compile_cache=cache)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gen = greedy_generate(second, PROMPT, 12)
+    assert gen.token_ids == hf_tokens and second.cache_hit is False
+    assert any("unusable" in str(w.message) and "rebuilding" in str(w.message) for w in caught)
+    assert os.path.isfile(os.path.join(second.cache_dir, "manifest.json"))
+
+
+def test_aiv_sets_the_launcher_environment(monkeypatch):
+    monkeypatch.delenv("HCCL_OP_EXPANSION_MODE", raising=False)
+    assert launcher_env(recipe_upto("aiv")) == {"HCCL_OP_EXPANSION_MODE": "AIV"}
+    assert launcher_env(recipe_upto("compile_cache")) == {}
+    monkeypatch.setenv("HCCL_OP_EXPANSION_MODE", "AI_CPU")                   # the user's choice wins
+    assert launcher_env(recipe_upto("aiv")) == {"HCCL_OP_EXPANSION_MODE": "AI_CPU"}
+
+
+def test_allreduce_benchmark_runs_on_gloo():
+    out = parallel.spawn(parallel.allreduce_benchmark, 2, ([256, 4096], 3, 1))
+    assert out["world_size"] == 2 and out["sizes_bytes"] == [256, 4096]
+    assert all(t > 0 for t in out["median_us"])

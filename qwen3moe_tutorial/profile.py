@@ -3,7 +3,8 @@
 - "Operators per token" counts the *top-level* operators one decode step dispatches, i.e. those
   called from Python rather than from inside another operator; a fused op of `ops` counts once
   (it is one kernel on the NPU), views and no-op conversions not at all. Each counted operator is
-  at least one kernel launch on an accelerator: the number fusion and graph mode drive down.
+  at least one kernel launch on an accelerator: the number fusion and graph mode drive down. A
+  compiled graph ("Torch-Compiled Region") counts once, as its single launch on the NPU.
 - Works with any runner of generate.py; on an NPU, torch_npu's profiler is used by the final CLI
   (a later chapter); here torch.profiler's CPU activity is enough to count and rank operators.
 """
@@ -20,8 +21,11 @@ from torch.profiler import ProfilerActivity, profile
 from . import ops
 
 
+GRAPH_LAUNCH = "Torch-Compiled Region"     # one compiled graph: a single launch on the NPU (GE / ACL graph)
+
+
 def _is_op(name: str) -> bool:
-    return name.startswith(("aten::", "ops::"))
+    return name.startswith(("aten::", "ops::", GRAPH_LAUNCH))
 
 
 def _dispatched(events) -> list:
@@ -57,15 +61,16 @@ def quiet_native_stderr():
 def profile_decode(runner, prompt_ids: list[int], steps: int = 4, warmup: int = 2, device="cpu"):
     """Prefill, run `warmup` decode steps, then profile `steps` more; returns the profiler."""
     ids = torch.tensor([prompt_ids], device=device)
-    token = runner.prefill(ids).argmax(-1, keepdim=True)
-    pos = len(prompt_ids)
-    for _ in range(warmup):
-        token = runner.decode(token, pos).argmax(-1, keepdim=True)
-        pos += 1
-    with quiet_native_stderr(), ops.annotate_ops(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
+    with ops.annotate_ops():              # warm up exactly as profiled: no compile inside the window
+        token = runner.prefill(ids).argmax(-1, keepdim=True)
+        pos = len(prompt_ids)
+        for _ in range(warmup):
             token = runner.decode(token, pos).argmax(-1, keepdim=True)
             pos += 1
+        with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                token = runner.decode(token, pos).argmax(-1, keepdim=True)
+                pos += 1
     prof.steps = steps
     return prof
 
@@ -80,7 +85,7 @@ MAYBE_NOOP_OPS = frozenset(("aten::to", "aten::contiguous", "aten::reshape", "at
 
 def is_kernel(ev) -> bool:
     """True when a top-level operator does work (not a view, not a no-op conversion)."""
-    if ev.name.startswith("ops::"):
+    if ev.name.startswith(("ops::", GRAPH_LAUNCH)):
         return True
     if ev.name in VIEW_OPS:
         return False

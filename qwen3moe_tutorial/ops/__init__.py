@@ -91,7 +91,7 @@ def _dispatcher(name: str):
 
     @functools.wraps(ref)
     def op(*args, **kwargs):
-        if _annotate and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and _annotate:      # (no dynamo guard on _annotate)
             with torch.profiler.record_function(label):
                 return _call(*args, **kwargs)
         return _call(*args, **kwargs)

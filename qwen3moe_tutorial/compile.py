@@ -65,6 +65,21 @@ def mark_static(model) -> None:
         torch._dynamo.mark_static(t)
 
 
+def fresh_compile_state(inductor_dir: str) -> None:
+    """Forget every graph compiled earlier in this process and point inductor at `inductor_dir`.
+
+    Dynamo shares one compiled graph between model instances of the same structure (their weights
+    are graph inputs), so without this a second runner would silently reuse the first one's graph:
+    its compile time would read ~0 and a compile cache would stay empty. Earlier runners in this
+    process recompile on their next call."""
+    import torch._dynamo
+    from torch._inductor.utils import clear_caches
+
+    torch._dynamo.reset()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_dir
+    clear_caches()
+
+
 @functools.lru_cache(maxsize=None)
 def private_inductor_cache() -> str:
     """A fresh inductor cache directory for this process, so nothing leaks between processes
@@ -99,8 +114,7 @@ class GraphRunner(ModelRunner):
         return self.compiled(ids, input_pos, pos + 1)
 
     def compile(self):
-        if self.device_kind == "cpu":
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = private_inductor_cache()
+        fresh_compile_state(private_inductor_cache())
         return compile_decode(self.model, self.device_kind, self.options.get("npu_mode", "max-autotune"))
 
     def after_first_call(self) -> None:
@@ -162,10 +176,9 @@ class CachedGraphRunner(GraphRunner):
         self.cache_hit = self._verify()
         os.makedirs(self.cache_dir, exist_ok=True)
         if self.device_kind == "npu":
+            fresh_compile_state(private_inductor_cache())
             return self._torchair_cache()
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(self.cache_dir, "inductor")
-        from torch._inductor.utils import clear_caches
-        clear_caches()                                     # forget the previous directory's in-memory state
+        fresh_compile_state(os.path.join(self.cache_dir, "inductor"))
         return compile_decode(self.model, self.device_kind)
 
     def _torchair_cache(self):
@@ -203,6 +216,9 @@ class CachedGraphRunner(GraphRunner):
         if self.cache_hit:
             return
         files = {k: v for k, v in _tree_digest(self.cache_dir).items() if k != MANIFEST}
+        if not files:                                       # nothing was written: no cache to offer
+            warnings.warn(f"the compiler wrote nothing to {self.cache_dir}; it will not be reused", stacklevel=2)
+            return
         tmp = os.path.join(self.cache_dir, f".{MANIFEST}.{os.getpid()}")
         with open(tmp, "w") as f:
             json.dump({"key": self.fields[0], "fields": self.fields[1], "files": files,

@@ -24,6 +24,7 @@ from .weights import CheckpointError, cache_root, default_checkpoint
 
 DEFAULT_PROMPT = "The Ascend NPU decodes one token at a time."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CPU_DEFAULT_TP = 2        # gloo ranks on a CPU: enough to exercise every collective, cheap on 2 cores
 
 
 class UsageError(ValueError):
@@ -42,7 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=512,
                    help="KV-cache capacity in positions; prompt + new tokens must fit (default: %(default)s)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default: %(default)s)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel size (default: torchrun's world size; else every NPU/GPU here; on a "
+                        f"CPU {CPU_DEFAULT_TP} gloo ranks when the config allows; 1 for steps before attention_tp)")
     p.add_argument("--upto", choices=STEP_NAMES, default=STEP_NAMES[-1],
                    help="last step of the ladder to enable (default: all, %(default)s)")
     p.add_argument("--device", choices=("auto", *platform.DEVICE_KINDS), default="auto")
@@ -53,10 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
     args = p.parse_args(argv)
     for name in ("max_new_tokens", "max_seq_len", "tp"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.profile:   # accepted by the contract, implemented by a later chapter: refuse rather than ignore
-        p.error("--profile is not available in this version of the package")
     if args.compile_cache and STEP_NAMES.index(args.upto) < STEP_NAMES.index("compile_cache"):
         p.error(f"--compile-cache needs the compile_cache step, but --upto {args.upto} stops before it")
     return args
@@ -79,6 +80,20 @@ def encode_prompt(args, model_path: str) -> tuple[list[int], object]:
     if tokenizer is None:
         raise UsageError(f"{model_path} has no tokenizer files (tokenizer.json); pass --prompt-ids instead")
     return tokenizer(args.prompt)["input_ids"], tokenizer
+
+
+def default_tp(recipe, cfg, device_kind: str) -> int:
+    """torchrun's world size; else one rank per visible NPU/GPU; else a few gloo ranks on a CPU."""
+    if parallel.launched_by_torchrun():
+        return int(os.environ["WORLD_SIZE"])
+    if "attention_tp" not in recipe.steps:
+        return 1
+    size = platform.device_count(device_kind) if device_kind != "cpu" else CPU_DEFAULT_TP
+    try:
+        check_parallel(recipe, cfg, size)
+    except ValueError:
+        return 1
+    return size
 
 
 def git_commit() -> str | None:
@@ -107,12 +122,15 @@ def run(args: argparse.Namespace) -> dict | None:
         raise UsageError(f"--max-seq-len {args.max_seq_len} exceeds the model's max_position_embeddings "
                          f"({cfg.max_position_embeddings})")
     recipe = recipe_upto(args.upto)
+    args.tp = args.tp or default_tp(recipe, cfg, device_kind)
     check_parallel(recipe, cfg, args.tp)
     os.environ.update(launcher_env(recipe))          # before any process group exists (aiv step)
     job = {"model_path": model_path, "upto": args.upto, "dtype": DTYPES[args.dtype], "device_kind": device_kind,
            "max_len": args.max_seq_len, "prompt_ids": prompt_ids, "max_new_tokens": args.max_new_tokens,
            "eos_token_id": None if args.ignore_eos else getattr(tokenizer, "eos_token_id", None),
-           "compile_cache": args.compile_cache or os.path.join(cache_root(), "compile")}
+           "compile_cache": args.compile_cache or os.path.join(cache_root(), "compile"),
+           "profile_dir": os.path.abspath(args.profile) if args.profile else None,
+           "progress": sys.stderr.isatty()}
     gen = parallel.run_on_ranks(generate_on_rank, args.tp, (job,), device_kind)
     if gen is None:                                  # torchrun rank > 0: rank 0 reports
         return None
@@ -121,7 +139,7 @@ def run(args: argparse.Namespace) -> dict | None:
         "token_ids": gen["token_ids"], "text": tokenizer.decode(gen["token_ids"]) if tokenizer else None,
         "prompt": None if args.prompt_ids else args.prompt, "prompt_token_ids": prompt_ids,
         **{k: gen[k] for k in ("prefill_ms", "decode_ms_per_token", "decode_ms", "first_decode_ms",
-                               "compile_s", "bytes_read_per_rank", "compile_cache_hit")},
+                               "compile_s", "bytes_read_per_rank", "compile_cache_hit", "profile")},
         "steps": list(recipe.steps), "upto": args.upto, "engine": recipe.engine,
         "world_size": args.tp, "tp": args.tp, "devices": devices,
         "cards": devices / 2 if device_kind == "npu" else None,        # an A3 card holds 2 dies

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections import Counter
@@ -25,7 +26,7 @@ GRAPH_LAUNCH = "Torch-Compiled Region"     # one compiled graph: a single launch
 
 
 def _is_op(name: str) -> bool:
-    return name.startswith(("aten::", "ops::", GRAPH_LAUNCH))
+    return name.startswith(("aten::", "ops::", "c10d::", GRAPH_LAUNCH))
 
 
 def _dispatched(events) -> list:
@@ -85,7 +86,7 @@ MAYBE_NOOP_OPS = frozenset(("aten::to", "aten::contiguous", "aten::reshape", "at
 
 def is_kernel(ev) -> bool:
     """True when a top-level operator does work (not a view, not a no-op conversion)."""
-    if ev.name.startswith(("ops::", GRAPH_LAUNCH)):
+    if ev.name.startswith(("ops::", "c10d::", GRAPH_LAUNCH)):
         return True
     if ev.name in VIEW_OPS:
         return False
@@ -103,3 +104,93 @@ def ops_per_token(prof, include_views: bool = False) -> tuple[float, Counter]:
     names = Counter(ev.name for ev in events)
     names.pop("aten::argmax", None)
     return sum(names.values()) / prof.steps, names
+
+
+# ---- profiling a whole generation (final --profile DIR) ------------------------------------------
+COLLECTIVE_WORDS = ("all_reduce", "allreduce", "all_gather", "allgather", "c10d", "gloo", "hccl", "nccl",
+                    "broadcast", "reduce_scatter")
+
+
+def generation_profiler(out_dir: str, device_kind: str, active: int, skip_first: int):
+    """A profiler for `greedy_generate`, stepped once per generated token (prefill is step 0).
+
+    NPU: torch_npu.profiler with the recipe's settings (CPU + NPU activities, Level1 with
+    PipeUtilization, no shapes/stacks/memory, a schedule that skips the warm-up steps) and its
+    tensorboard handler. Elsewhere: torch.profiler with the same schedule and a Chrome trace."""
+    os.makedirs(out_dir, exist_ok=True)
+    if device_kind == "npu":
+        import torch_npu
+
+        experimental = torch_npu.profiler._ExperimentalConfig(
+            profiler_level=torch_npu.profiler.ProfilerLevel.Level1,
+            aic_metrics=torch_npu.profiler.AiCMetrics.PipeUtilization)
+        return torch_npu.profiler.profile(
+            activities=[torch_npu.profiler.ProfilerActivity.CPU, torch_npu.profiler.ProfilerActivity.NPU],
+            schedule=torch_npu.profiler.schedule(wait=0, warmup=0, active=active, repeat=1, skip_first=skip_first),
+            on_trace_ready=torch_npu.profiler.tensorboard_trace_handler(out_dir),
+            record_shapes=False, profile_memory=False, with_stack=False, experimental_config=experimental)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_kind == "cuda" else [])
+    return profile(activities=activities,
+                   schedule=torch.profiler.schedule(wait=0, warmup=0, active=active, repeat=1, skip_first=skip_first),
+                   on_trace_ready=lambda p: p.export_chrome_trace(os.path.join(out_dir, "trace.json")))
+
+
+def summarize(prof, steps: int, out_dir: str, top: int = 12) -> dict:
+    """Top operators, collective vs compute time and operators per token of the profiled window;
+    written next to the trace as summary.json, summary.md and summary.png."""
+    events = prof.events()
+    dispatched = [ev for ev in _dispatched(events) if is_kernel(ev) and ev.name != "aten::argmax"]
+    total_us = sum(ev.cpu_time_total for ev in dispatched)
+    collective_us = sum(ev.cpu_time_total for ev in dispatched if any(w in ev.name.lower() for w in COLLECTIVE_WORDS))
+    by_name: dict[str, list] = {}
+    for ev in dispatched:
+        entry = by_name.setdefault(ev.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += ev.cpu_time_total
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    summary = {
+        "profiled_decode_steps": steps,
+        "ops_per_token": len(dispatched) / max(steps, 1),
+        "time_per_token_ms": total_us / 1e3 / max(steps, 1),
+        "collective_share": collective_us / total_us if total_us else 0.0,
+        "top_operators": [{"name": n, "calls_per_token": c / max(steps, 1), "ms_per_token": t / 1e3 / max(steps, 1),
+                           "share": t / total_us if total_us else 0.0} for n, (c, t) in ranked],
+        "note": "host-side (CPU) operator times; on an NPU the device kernels are in the trace's NPU rows",
+    }
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(summary_table(summary))
+    plot_summary(summary, os.path.join(out_dir, "summary.png"))
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    lines = [f"operators per token: {summary['ops_per_token']:.0f}; time in collectives: "
+             f"{100 * summary['collective_share']:.0f}% of operator time", "",
+             "| operator | calls/token | ms/token | share |", "|---|---:|---:|---:|"]
+    lines += [f"| {o['name']} | {o['calls_per_token']:.1f} | {o['ms_per_token']:.3f} | {100 * o['share']:.0f}% |"
+              for o in summary["top_operators"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_summary(summary: dict, path: str | None = None):
+    """Bar chart of the top operators' time per token and a collectives-vs-compute split."""
+    import matplotlib
+    if path:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    ops_ = summary["top_operators"][::-1]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2), gridspec_kw={"width_ratios": [3, 1]})
+    a.barh([o["name"] for o in ops_], [o["ms_per_token"] for o in ops_], color="#4c72b0")
+    a.set_xlabel("ms per decode token (host time)")
+    a.set_title(f"top operators ({summary['ops_per_token']:.0f} operators/token)")
+    share = summary["collective_share"]
+    b.bar(["collectives", "compute"], [100 * share, 100 * (1 - share)], color=["#c0504d", "#4c72b0"])
+    b.set_ylabel("% of operator time")
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    return fig

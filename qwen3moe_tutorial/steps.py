@@ -188,11 +188,40 @@ def generate_on_rank(tp_ctx: TP, job: dict) -> dict:
     device = platform.torch_device(job["device_kind"], int(os.environ.get("LOCAL_RANK", tp_ctx.rank)))
     runner = build_runner(recipe_upto(job["upto"]), job["model_path"], dtype=job["dtype"], device=device,
                           tp_ctx=tp_ctx, max_len=job["max_len"], compile_cache=job.get("compile_cache"))
-    gen = greedy_generate(runner, job["prompt_ids"], job["max_new_tokens"], job["device_kind"],
-                          eos_token_id=job["eos_token_id"], device=device)
+    generate = lambda on_token=None: greedy_generate(runner, job["prompt_ids"], job["max_new_tokens"],
+                                                     job["device_kind"], eos_token_id=job["eos_token_id"],
+                                                     device=device, on_token=on_token)
+    summary = None
+    if job.get("profile_dir"):
+        gen, summary = profiled_generation(generate, job, os.path.join(job["profile_dir"], f"rank{tp_ctx.rank}"))
+    elif job.get("progress") and tp_ctx.rank == 0:
+        from tqdm.auto import tqdm
+        with tqdm(total=job["max_new_tokens"], desc="generating", unit="tok", leave=False) as bar:
+            gen = generate(on_token=lambda _: bar.update(1))
+    else:
+        gen = generate()
     bytes_read = [getattr(runner, "bytes_read", None)]
     if tp_ctx.size > 1:
         bytes_read = [None] * tp_ctx.size
         dist.all_gather_object(bytes_read, getattr(runner, "bytes_read", None))
     return {**gen.to_dict(), "bytes_read_per_rank": bytes_read,
-            "compile_cache_hit": getattr(runner, "cache_hit", None)}
+            "compile_cache_hit": getattr(runner, "cache_hit", None), "profile": summary}
+
+
+def profiled_generation(generate, job: dict, out_dir: str):
+    """Run `generate` under the profiler: the prefill and the first decode step (compilation) are
+    skipped, up to 10 decode steps are recorded; one trace and one summary per rank in out_dir."""
+    from . import ops
+    from .profile import generation_profiler, quiet_native_stderr, summarize
+
+    n = job["max_new_tokens"]
+    skip = min(2, n - 1)
+    active = max(1, min(10, n - skip))
+    with quiet_native_stderr(), ops.annotate_ops(), generation_profiler(out_dir, job["device_kind"], active, skip) as prof:
+        gen = generate(on_token=lambda _: prof.step())
+    try:
+        summary = summarize(prof, active, out_dir)
+    except Exception as e:            # the NPU profiler parses offline; its summary may not be in memory
+        summary = {"error": f"no in-memory summary ({type(e).__name__}: {e}); see the trace in {out_dir}"}
+    summary["trace_dir"] = out_dir
+    return gen, summary

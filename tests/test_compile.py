@@ -99,7 +99,8 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path, tiny_ckpt, hf_tokens)
     cache = str(tmp_path / "cache")
     first = build_runner(recipe_upto("compile_cache"), tiny_ckpt, max_len=64, compile_cache=cache)
     assert greedy_generate(first, PROMPT, 4).token_ids == hf_tokens[:4] and first.cache_hit is False
-    victim = next(os.path.join(d, f) for d, _, fs in os.walk(first.cache_dir) for f in fs if f.endswith(".py"))
+    victim = next(os.path.join(d, f) for d, _, fs in sorted(os.walk(first.cache_dir)) for f in sorted(fs)
+                  if f.endswith((".py", ".so", ".cpp")))
     with open(victim, "a") as f:
         f.write("garbage")
     torch._dynamo.reset()

@@ -83,7 +83,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_ckpt, capsys):
     (["--upto", "warp_drive"], "invalid choice: 'warp_drive'"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--dtype", "float16"], "invalid choice: 'float16'"),
-    (["--profile", "/tmp/x"], "--profile is not available"),
+    (["--compile-cache", "/tmp/x", "--upto", "graph_mode"], "--compile-cache needs the compile_cache step"),
 ])
 def test_bad_arguments_print_usage(argv, words, capsys):
     with pytest.raises(SystemExit) as e:

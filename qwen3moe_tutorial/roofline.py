@@ -325,3 +325,94 @@ def predict_decode_ms(cfg: ModelConfig, hw: Hardware | str, tp: int, dtype_bytes
                         "link_bandwidth_Bps": link_bandwidth_Bps, "dispatch_us": dispatch_us,
                         "bandwidth_efficiency": bandwidth_efficiency, "overlap_dispatch": overlap_dispatch},
     }
+
+
+# ---- the ladder, step by step --------------------------------------------------------------------
+LOOP_STEPS = ("hf_baseline", "reference", "attention_tp", "merged_qkv", "moe_tp_w13_swiglu")
+SINGLE_DEVICE_STEPS = ("hf_baseline", "reference")
+WRITEUP_TARGET_MS = 20.0      # the cann-recipes write-up: 8 A3 cards, BF16, batch 1, < 20 ms per token
+
+
+def step_ops_per_token(step: str, cfg: ModelConfig, measured: dict[str, float], measured_cfg: ModelConfig) -> float:
+    """Operators per token of `step` on `cfg`, scaled from a profiler count on a small model.
+
+    Assumption (stated, adjustable by passing your own `measured`): operators scale with the
+    number of layers; in the steps that still loop over experts they also scale with top-k K.
+    From graph_mode on the count is the fused recipe's kernels (one graph launch per token)."""
+    if step in ("graph_mode", "compile_cache", "aiv"):
+        return fused_ops_per_token(cfg)
+    scale = cfg.num_hidden_layers / measured_cfg.num_hidden_layers
+    if step in LOOP_STEPS:
+        scale *= cfg.num_experts_per_tok / measured_cfg.num_experts_per_tok
+    return measured[step] * scale
+
+
+def predict_ladder(cfg: ModelConfig, tp: int, measured_ops: dict[str, float], measured_cfg: ModelConfig,
+                   hw: Hardware | str = "a3-die", dtype_bytes: int = 2, which: str = "mid",
+                   steps: tuple[str, ...] | None = None) -> list[dict]:
+    """A predicted decode latency for every ladder step (design.md section 2) on `tp` devices.
+
+    What each step changes in the model (npu-ops.md sections 11-14):
+    - hf_baseline, reference: one device, eager, no collectives;
+    - attention_tp, merged_qkv: attention split over tp; every rank still runs the whole MoE
+      (it reads the K activated experts in full); one all-reduce per layer (+ embedding, lm_head);
+    - moe_tp_w13_swiglu and later: experts split too; two all-reduces per layer;
+    - fused_*: fewer operators (counts from `measured_ops`);
+    - graph_mode, compile_cache: one graph launch; per-kernel cost inside the graph (LAUNCH_US["graph"]);
+    - aiv: all-reduce latency of AIV instead of AI_CPU (ALLREDUCE_US).
+    Each row says whether the step's weights fit in one device's memory (`fits`)."""
+    hw = hardware(hw) if isinstance(hw, str) else hw
+    order = steps or ("hf_baseline", "reference", "attention_tp", "merged_qkv", "moe_tp_w13_swiglu",
+                      "fused_routing_gmm", "fused_rmsnorm", "fused_attention", "graph_mode", "compile_cache", "aiv")
+    rows = []
+    for step in order:
+        size = 1 if step in SINGLE_DEVICE_STEPS else tp
+        b = bytes_per_token(cfg, size, dtype_bytes)
+        resident = resident_bytes_per_rank(cfg, size, dtype_bytes)
+        if step in ("attention_tp", "merged_qkv"):            # MoE replicated: whole experts on every rank
+            full = bytes_per_token(cfg, 1, dtype_bytes)
+            b = {**b, "experts": full["experts"], "router": full["router"]}
+            b["total"] = sum(v for k, v in b.items() if k in PARTS)
+            resident += (cfg.num_hidden_layers * cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size
+                         * dtype_bytes) * (1 - 1 / size)
+        graph = step in ("graph_mode", "compile_cache", "aiv")
+        hccl = "AIV" if step == "aiv" else "AI_CPU"
+        eff = getattr(BANDWIDTH_EFFICIENCY, {"low": "high", "mid": "mid", "high": "low"}[which])
+        memory_ms = b["total"] / (hw.bandwidth_Bps * eff) * 1e3
+        coll = collectives_per_token(cfg, size, dtype_bytes)
+        n_coll = coll["count"] - (cfg.num_hidden_layers if step in ("attention_tp", "merged_qkv") else 0)
+        collectives_ms = n_coll * getattr(ALLREDUCE_US[hccl], which) / 1e3
+        n_ops = step_ops_per_token(step, cfg, measured_ops, measured_cfg)
+        dispatch_ms = n_ops * getattr(LAUNCH_US["graph" if graph else "eager"], which) / 1e3
+        rows.append({"step": step, "tp": size, "memory_ms": memory_ms, "collectives_ms": collectives_ms,
+                     "dispatch_ms": dispatch_ms, "total_ms": memory_ms + collectives_ms + dispatch_ms,
+                     "ops_per_token": n_ops, "collectives": n_coll, "bytes_per_rank": b["total"],
+                     "resident_bytes_per_rank": resident, "fits": resident <= hw.memory_bytes,
+                     "assumptions": {"hardware": hw.name, "hccl": hccl, "launch": "graph" if graph else "eager",
+                                     "which": which, "bandwidth_efficiency": eff}})
+    return rows
+
+
+def plot_waterfall(rows: list[dict], title: str, target_ms: float | None = WRITEUP_TARGET_MS, ax=None):
+    """Stacked bars (memory, collectives, dispatch) per step; steps whose weights do not fit one
+    device are hatched; the write-up's target as a line."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(10, 3.4))[1]
+    names = [r["step"] for r in rows]
+    bottom = [0.0] * len(rows)
+    for term, color in (("memory_ms", "#4c72b0"), ("collectives_ms", "#c0504d"), ("dispatch_ms", "#8c8c8c")):
+        values = [r[term] for r in rows]
+        bars = ax.bar(names, values, bottom=bottom, color=color, label=term.replace("_ms", ""))
+        for bar, r in zip(bars, rows):
+            if not r["fits"]:
+                bar.set_hatch("//")
+        bottom = [b + v for b, v in zip(bottom, values)]
+    if target_ms:
+        ax.axhline(target_ms, color="k", ls="--", lw=1, label=f"write-up: < {target_ms:.0f} ms")
+    ax.set_yscale("log")
+    ax.set_ylabel("predicted ms / token (log)")
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=40)
+    ax.legend(fontsize=8)
+    return ax

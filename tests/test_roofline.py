@@ -140,3 +140,22 @@ def test_measured_cpu_bandwidth_is_plausible_and_quick():
     assert 5e8 < hw.bandwidth_Bps < 2e12                                    # 0.5 GB/s .. 2 TB/s
     assert "measured" in hw.source
     assert rf.this_cpu(bandwidth_Bps=1e10).bandwidth_Bps == 1e10
+
+
+def test_predicted_ladder_for_the_released_models():
+    from qwen3moe_tutorial.config import preset
+    from qwen3moe_tutorial.roofline import WRITEUP_TARGET_MS, predict_ladder
+
+    measured = {"hf_baseline": 469, "reference": 428, "attention_tp": 435, "merged_qkv": 431,
+                "moe_tp_w13_swiglu": 399, "fused_routing_gmm": 267, "fused_rmsnorm": 174, "fused_attention": 114}
+    for name, tp in (("qwen3-235b-a22b", 8), ("qwen3-235b-a22b", 16), ("qwen3-30b-a3b", 8)):
+        rows = {r["step"]: r for r in predict_ladder(preset(name), tp, measured, preset("tiny"))}
+        assert rows["aiv"]["total_ms"] < rows["graph_mode"]["total_ms"] < rows["fused_attention"]["total_ms"]
+        assert rows["fused_routing_gmm"]["total_ms"] < rows["moe_tp_w13_swiglu"]["total_ms"]
+        assert rows["aiv"]["total_ms"] < WRITEUP_TARGET_MS and rows["aiv"]["fits"]
+        assert rows["aiv"]["collectives"] == 2 * preset(name).num_hidden_layers + 2
+        assert rows["attention_tp"]["collectives"] == preset(name).num_hidden_layers + 2
+        assert rows["reference"]["tp"] == 1 and rows["reference"]["collectives"] == 0
+    big = {r["step"]: r for r in predict_ladder(preset("qwen3-235b-a22b"), 16, measured, preset("tiny"))}
+    assert not big["reference"]["fits"] and not big["merged_qkv"]["fits"]     # 470 GB does not fit a 64 GB die
+    assert big["moe_tp_w13_swiglu"]["fits"]

@@ -215,6 +215,11 @@ PRESETS: dict[str, ModelConfig] = {
     "mini": ModelConfig(vocab_size=4096, hidden_size=512, num_hidden_layers=8, num_attention_heads=16,
                         num_key_value_heads=4, head_dim=64, num_experts=128, num_experts_per_tok=8,
                         moe_intermediate_size=256, max_position_embeddings=2048, name="mini"),
+    # Overhead-bound CPU benchmark: Qwen3-30B-A3B's 48 layers, 128 experts and top-8, tiny matrices;
+    # as on an NPU at batch 1, per-operator dispatch dominates a decode step.
+    "deep": ModelConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=48, num_attention_heads=8,
+                        num_key_value_heads=4, head_dim=32, num_experts=128, num_experts_per_tok=8,
+                        moe_intermediate_size=64, max_position_embeddings=2048, name="deep"),
     # The released models (config.json values; design.md section 9).
     "qwen3-30b-a3b": ModelConfig(vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
                                  num_attention_heads=32, num_key_value_heads=4, head_dim=128,

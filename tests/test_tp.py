@@ -145,8 +145,21 @@ def test_failing_rank_is_named_and_others_stop():
     with pytest.raises(RankError, match="rank 1 failed: process exited with code 13"):
         parallel.spawn(parallel.allreduce_selftest, 4, (None, 1))
     assert time.monotonic() - t0 < 60
-    leftover = subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True).stdout
-    assert leftover.strip() == ""
+    assert children_of(os.getpid()) == []                  # every worker was stopped and reaped
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry))
+    return out
 
 
 def test_missing_shard_on_a_rank_fails_cleanly(tmp_path, tiny_ckpt):

@@ -158,7 +158,9 @@ def children_of(pid: int) -> list[int]:
             except OSError:
                 continue
             if int(fields[1]) == pid and fields[0] != "Z":
-                out.append(int(entry))
+                with open(f"/proc/{entry}/cmdline") as f:
+                    if "resource_tracker" not in f.read():      # multiprocessing's own helper, not a rank
+                        out.append(int(entry))
     return out
 
 

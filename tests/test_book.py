@@ -1,0 +1,208 @@
+"""The book as a product: what the prose names exists, every page is there and executed, every
+figure is explained.
+
+- Names: every `qwen3moe_tutorial.x.y` in book/*.md and notebooks/*.md (prose and code) and every
+  name imported with `from qwen3moe_tutorial[.x] import a, b` resolves (import, then getattr).
+- Pages: every file in _toc.yml exists; every notebooks/*.md has an executed .ipynb with the same
+  code cells (compared through jupytext), every code cell run, no error output.
+- Figures: a code cell whose output is an image must explain it, by one of (first match wins):
+  1. cell metadata `mystnb.image.alt` or `mystnb.figure.caption` (alt text / caption in the HTML);
+  2. a title set in the cell's source: `set_title(`, `suptitle(`, `plt.title(`, or a `title=`
+     keyword (not a legend's);
+  3. the next cell is Markdown whose first line starts with "Figure" or "Fig." (optionally in
+     *emphasis* or **bold**), i.e. a caption right under the figure.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+
+import jupytext
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = sorted([*ROOT.glob("book/*.md"), *ROOT.glob("notebooks/*.md")])
+NOTEBOOK_SOURCES = sorted(ROOT.glob("notebooks/*.md"))
+NOTEBOOKS = sorted(ROOT.glob("notebooks/*.ipynb"))
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+# ---- (a) every qwen3moe_tutorial name in the prose and code resolves ----------------------------------
+DOTTED = re.compile(r"\bqwen3moe_tutorial(?:\.[A-Za-z_]\w*)+")
+FROM_IMPORT = re.compile(r"^[ \t]*from[ \t]+(qwen3moe_tutorial(?:\.\w+)*)[ \t]+import[ \t]+(\([^)]*\)|[^\n#]+)",
+                         re.MULTILINE)
+
+
+def names_in(text: str) -> set[str]:
+    """Dotted names, plus `module.name` for each name of a `from qwen3moe_tutorial... import` line."""
+    names = set(DOTTED.findall(text))
+    for module, imported in FROM_IMPORT.findall(text):
+        for item in imported.strip("()").replace("\\\n", " ").split(","):
+            name = item.split("#")[0].strip().split(" as ")[0].strip()
+            if name and name != "*":
+                names.add(f"{module}.{name}")
+    return names
+
+
+def resolve(dotted: str):
+    """Import the longest importable module prefix and getattr the rest; raise if anything is missing."""
+    parts = dotted.split(".")
+    obj = importlib.import_module(parts[0])
+    for i, part in enumerate(parts[1:], start=1):
+        if hasattr(obj, part):
+            obj = getattr(obj, part)
+            continue
+        try:
+            obj = importlib.import_module(".".join(parts[: i + 1]))
+        except ModuleNotFoundError:
+            raise AttributeError(f"{'.'.join(parts[:i])} has no attribute or submodule {part!r}") from None
+    return obj
+
+
+def test_name_extraction_covers_prose_code_and_imports():
+    text = ("See `qwen3moe_tutorial.steps.STEPS`.\n"
+            "from qwen3moe_tutorial import hf, platform as p\n"
+            "from qwen3moe_tutorial.ops import (use_provider,\n    current_provider)  # two\n"
+            "import qwen3moe_tutorial.roofline as rf\n")
+    assert names_in(text) == {"qwen3moe_tutorial.steps.STEPS", "qwen3moe_tutorial.hf", "qwen3moe_tutorial.platform",
+                              "qwen3moe_tutorial.ops",
+                              "qwen3moe_tutorial.ops.use_provider", "qwen3moe_tutorial.ops.current_provider",
+                              "qwen3moe_tutorial.roofline"}
+    assert resolve("qwen3moe_tutorial.parallel.TP.split")
+    with pytest.raises(AttributeError, match="no attribute or submodule 'Nope'"):
+        resolve("qwen3moe_tutorial.steps.Nope")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=rel)
+def test_every_package_name_resolves(page):
+    names = names_in(page.read_text(encoding="utf-8"))
+    missing = {}
+    for name in sorted(names):
+        try:
+            resolve(name)
+        except (ImportError, AttributeError) as e:
+            missing[name] = str(e)
+    assert not missing, f"{rel(page)} names code that does not exist: " + "; ".join(
+        f"{n} ({why})" for n, why in missing.items())
+
+
+# ---- (b) the table of contents, the notebook pairs, executed without errors ------------------------------
+def toc_files() -> list[str]:
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "file" in node:
+                files.append(node["file"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk({k: v for k, v in toc.items() if k != "root"})
+    return files
+
+
+def test_toc_is_readable_and_has_the_appendices():
+    files = toc_files()
+    assert files[0] == "book/intro" and len(files) == len(set(files)), files
+    for page in ("book/how_to_read", "notebooks/results", "book/lab_log", "book/glossary", "book/bibliography"):
+        assert page in files
+
+
+@pytest.mark.parametrize("entry", toc_files())
+def test_every_toc_entry_exists(entry):
+    if entry.startswith("notebooks/"):          # the book renders the executed notebook, not its MyST source
+        candidates = [ROOT / f"{entry}.ipynb"] if not entry.endswith(".ipynb") else [ROOT / entry]
+    else:
+        candidates = [ROOT / entry] if Path(entry).suffix else [ROOT / f"{entry}.md", ROOT / f"{entry}.ipynb"]
+    assert any(p.is_file() for p in candidates), f"_toc.yml lists {entry!r} but none of " \
+        f"{[rel(p) for p in candidates]} exists"
+
+
+def code_sources(nb) -> list[str]:
+    src = lambda c: c["source"] if isinstance(c["source"], str) else "".join(c["source"])
+    return [src(c).strip() for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def error_outputs(nb) -> list[str]:
+    out = []
+    for i, cell in enumerate(nb["cells"]):
+        for o in cell.get("outputs", []):
+            if o["output_type"] == "error":
+                out.append(f"cell {i}: {o.get('ename')}: {o.get('evalue')}")
+            elif o["output_type"] == "stream" and "Traceback (most recent call last)" in "".join(o.get("text", "")):
+                out.append(f"cell {i}: a traceback on {o.get('name')}")
+    return out
+
+
+@pytest.mark.parametrize("source", NOTEBOOK_SOURCES, ids=rel)
+def test_notebook_is_paired_executed_and_clean(source):
+    ipynb = source.with_suffix(".ipynb")
+    assert ipynb.is_file(), f"{rel(source)} has no executed pair: run bash scripts/execute_notebooks.sh {rel(source)}"
+    executed = json.loads(ipynb.read_text(encoding="utf-8"))
+    md_code, nb_code = code_sources(jupytext.read(source)), code_sources(executed)
+    if md_code != nb_code:
+        first = next((i for i, (a, b) in enumerate(zip(md_code, nb_code)) if a != b), min(len(md_code), len(nb_code)))
+        pytest.fail(f"{rel(ipynb)} is stale: its code cells differ from {rel(source)} from code cell {first} on "
+                    f"({len(md_code)} code cells in the .md, {len(nb_code)} in the .ipynb); re-execute it")
+    unexecuted = [i for i, c in enumerate(executed["cells"]) if c["cell_type"] == "code" and not c.get("execution_count")]
+    assert not unexecuted, f"{rel(ipynb)}: cells {unexecuted} were never executed"
+    errors = error_outputs(executed)
+    assert not errors, f"{rel(ipynb)} stores error output: " + "; ".join(errors)
+
+
+# ---- (c) every figure has alt text, a caption or a title ------------------------------------------------
+TITLE_CALL = re.compile(r"\b(set_title|suptitle)\s*\(|\bplt\.title\s*\(|(?<![\w.])title\s*=")
+LEGEND_CALL = re.compile(r"\blegend\s*\([^)]*\)", re.DOTALL)
+CAPTION_START = re.compile(r"^[*_]{0,2}(Figure|Fig\.)")
+IMAGE_TYPES = ("image/png", "image/svg+xml", "image/jpeg")
+
+
+def figure_explained(cells: list[dict], i: int) -> bool:
+    cell = cells[i]
+    meta = cell.get("metadata", {}).get("mystnb", {}) or {}
+    if (meta.get("image") or {}).get("alt") or (meta.get("figure") or {}).get("caption"):
+        return True
+    source = "".join(cell["source"])
+    if TITLE_CALL.search(LEGEND_CALL.sub("", source)):
+        return True
+    nxt = cells[i + 1] if i + 1 < len(cells) else None
+    if nxt is not None and nxt["cell_type"] == "markdown":
+        first = next((line.strip() for line in "".join(nxt["source"]).splitlines() if line.strip()), "")
+        return bool(CAPTION_START.match(first))
+    return False
+
+
+def test_figure_rule_examples():
+    code = lambda src, **meta: {"cell_type": "code", "source": src, "metadata": meta, "outputs": []}
+    md = lambda src: {"cell_type": "markdown", "source": src, "metadata": {}}
+    assert figure_explained([code("ax.set_title('x')")], 0)
+    assert figure_explained([code("plot_waterfall(rows, title='t')")], 0)
+    assert not figure_explained([code("ax.legend(title='k')")], 0)
+    assert figure_explained([code("plt.plot(x)"), md("*Figure: what it shows.*")], 0)
+    assert not figure_explained([code("plt.plot(x)"), md("The plot above shows ...")], 0)
+    assert figure_explained([code("plt.plot(x)", mystnb={"image": {"alt": "a line"}})], 0)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=rel)
+def test_every_figure_has_a_title_caption_or_alt_text(notebook):
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    bad = []
+    for i, cell in enumerate(cells):
+        if cell["cell_type"] != "code":
+            continue
+        if any(t in o.get("data", {}) for o in cell.get("outputs", []) for t in IMAGE_TYPES):
+            if not figure_explained(cells, i):
+                bad.append(f"cell {i} ({''.join(cell['source']).strip().splitlines()[0][:60]!r})")
+    assert not bad, (f"{rel(notebook)}: figures without a title, caption or alt text: {', '.join(bad)}. Set a "
+                     f"title (ax.set_title), put a 'Figure: ...' caption in the next Markdown cell, or give the "
+                     f"cell mystnb image alt text")

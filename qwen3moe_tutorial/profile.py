@@ -79,7 +79,8 @@ def profile_decode(runner, prompt_ids: list[int], steps: int = 4, warmup: int = 
 # Operators that only make a new view of existing memory: no kernel runs on any device.
 VIEW_OPS = frozenset(f"aten::{n}" for n in (
     "view", "_unsafe_view", "select", "slice", "unsqueeze", "squeeze", "transpose", "permute", "expand",
-    "as_strided", "t", "detach", "alias", "chunk", "split", "unbind", "narrow", "view_as", "expand_as",
+    "as_strided", "t", "detach", "alias", "chunk", "split", "split_with_sizes", "unbind", "narrow", "view_as",
+    "expand_as",
     "lift_fresh", "resolve_conj", "resolve_neg"))
 MAYBE_NOOP_OPS = frozenset(("aten::to", "aten::contiguous", "aten::reshape", "aten::flatten", "aten::type_as"))
 

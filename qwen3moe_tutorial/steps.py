@@ -185,6 +185,9 @@ def generate_on_rank(tp_ctx: TP, job: dict) -> dict:
     from . import platform
     from .generate import greedy_generate
 
+    if dist.is_initialized() and dist.get_backend() != platform.dist_backend(job["device_kind"]):
+        raise ValueError(f"the job runs on {job['device_kind']} but the process group uses {dist.get_backend()}; "
+                         f"pass device_kind={job['device_kind']!r} to run_on_ranks")
     device = platform.torch_device(job["device_kind"], int(os.environ.get("LOCAL_RANK", tp_ctx.rank)))
     runner = build_runner(recipe_upto(job["upto"]), job["model_path"], dtype=job["dtype"], device=device,
                           tp_ctx=tp_ctx, max_len=job["max_len"], compile_cache=job.get("compile_cache"))

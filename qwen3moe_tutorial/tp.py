@@ -87,8 +87,8 @@ class VocabParallelLMHead(LMHead):
         self.weight = nn.Parameter(ckpt.get_slice(name, 0, start, stop, dtype), requires_grad=False)  # [V/tp, H]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        local = F.linear(h, self.weight).float()                               # [B, V/tp]
-        return all_gather_last_dim(local, self.tp)                             # [B, V]: V*4 bytes per token
+        local = F.linear(h, self.weight)                                       # [B, V/tp]
+        return all_gather_last_dim(local, self.tp).float()                     # [B, V]: V*bytes per token
 
 
 class AttentionMergedQKV(AttentionTP):

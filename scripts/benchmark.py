@@ -40,6 +40,7 @@ def provenance(args) -> dict:
             "torch_threads": torch.get_num_threads(), "versions": platform.versions(),
             "env": platform.relevant_env(), "dtype": "float32", "batch": 1, "new_tokens": args.tokens,
             "repeats": args.repeats, "protocol": "median decode step after the first, best of repeats",
+            "load_average_at_start": os.getloadavg()[0],
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import hashlib
@@ -75,16 +76,23 @@ def fresh_compile_state(inductor_dir: str) -> None:
     import torch._dynamo
     from torch._inductor.utils import clear_caches
 
+    global _compiles_in_process
+    _compiles_in_process += 1
     torch._dynamo.reset()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_dir
     clear_caches()
 
 
+_compiles_in_process = 0
+
+
 @functools.lru_cache(maxsize=None)
 def private_inductor_cache() -> str:
-    """A fresh inductor cache directory for this process, so nothing leaks between processes
-    except through our own, keyed compile cache."""
-    return tempfile.mkdtemp(prefix="qwen3moe-inductor-")
+    """A fresh inductor cache directory for this process (removed at exit), so nothing leaks
+    between processes except through our own, keyed compile cache."""
+    path = tempfile.mkdtemp(prefix="qwen3moe-inductor-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 class GraphRunner(ModelRunner):
@@ -145,6 +153,7 @@ def cache_key(model, steps, device_kind: str, npu_mode: str = "max-autotune") ->
         "steps": list(steps), "tp_size": model.tp.size, "tp_rank": model.tp.rank,
         "dtype": str(model.dtype), "max_len": model.max_len, "batch": model.cache.k[0].shape[0],
         "device_kind": device_kind, "npu_mode": npu_mode if device_kind == "npu" else None,
+        "torch_threads": torch.get_num_threads(),           # inductor's CPU kernels depend on it
         "source_sha256": source_digest(), "torch": v["torch"], "torch_npu": v["torch_npu"],
         "cann": v["cann"], "python": v["python"],
     }
@@ -214,6 +223,11 @@ class CachedGraphRunner(GraphRunner):
 
     def after_first_call(self) -> None:
         if self.cache_hit:
+            return
+        if _compiles_in_process > 1:      # kernels already in memory were not written out: incomplete
+            warnings.warn(f"not storing {self.cache_dir}: this process compiled before, so the cache could be "
+                          f"incomplete; the next fresh process will write it", stacklevel=2)
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
             return
         files = {k: v for k, v in _tree_digest(self.cache_dir).items() if k != MANIFEST}
         if not files:                                       # nothing was written: no cache to offer

@@ -46,6 +46,7 @@ def greedy_generate(runner, prompt_ids: list[int], max_new_tokens: int, device_k
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not prompt_ids:
         raise ValueError("the prompt is empty: at least one token is needed")
+    compiled_before = getattr(runner, "compile_s", 0.0)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)       # [1, S]
     t0 = now_ms(device_kind)
     logits = runner.prefill(ids)                                            # [1, V]
@@ -66,7 +67,8 @@ def greedy_generate(runner, prompt_ids: list[int], max_new_tokens: int, device_k
         if on_token:
             on_token(token)
     gen.first_decode_ms = gen.decode_ms[0] if gen.decode_ms else None
-    gen.compile_s = getattr(runner, "compile_s", 0.0)
+    compiled_now = getattr(runner, "compile_s", 0.0)
+    gen.compile_s = compiled_now if compiled_now != compiled_before else 0.0   # this generation's compile only
     return gen
 
 

@@ -110,7 +110,9 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path, tiny_ckpt, hf_tokens)
         gen = greedy_generate(second, PROMPT, 12)
     assert gen.token_ids == hf_tokens and second.cache_hit is False
     assert any("unusable" in str(w.message) and "rebuilding" in str(w.message) for w in caught)
-    assert os.path.isfile(os.path.join(second.cache_dir, "manifest.json"))
+    # this process compiled before, so the rebuilt cache is not stored (it could miss in-memory kernels)
+    assert any("not storing" in str(w.message) for w in caught)
+    assert not os.path.isfile(os.path.join(second.cache_dir, "manifest.json"))
 
 
 def test_aiv_sets_the_launcher_environment(monkeypatch):

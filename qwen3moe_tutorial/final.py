@@ -20,7 +20,7 @@ import torch
 from . import parallel, platform
 from .config import ConfigError, ModelConfig
 from .steps import STEP_NAMES, check_parallel, generate_on_rank, launcher_env, recipe_upto
-from .weights import CheckpointError, cache_root, default_checkpoint
+from .weights import Checkpoint, CheckpointError, cache_root, default_checkpoint
 
 DEFAULT_PROMPT = "The Ascend NPU decodes one token at a time."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> dict | None:
     model_path = args.model_path or default_checkpoint()
     device_kind = platform.detect_device(args.device)
     cfg = ModelConfig.from_pretrained(model_path)                      # fails first, and clearly
+    Checkpoint(model_path, cfg).validate()        # headers and shapes of every shard, before any rank starts
     prompt_ids, tokenizer = encode_prompt(args, model_path)
     if any(not 0 <= i < cfg.vocab_size for i in prompt_ids):
         raise UsageError(f"prompt token ids must lie in [0, {cfg.vocab_size}); got {prompt_ids}")

@@ -1,8 +1,9 @@
 """Graph mode and the compile cache (ladder steps graph_mode, compile_cache; chapters 09-10).
 
 - `GraphRunner` compiles the decode step into one static graph: torchair's GE backend on an NPU
-  (the recipe's CompilerConfig), CUDA graphs on a GPU, inductor on a CPU; always fullgraph=True,
-  so a graph break is an error, and the KV cache is marked static. Prefill stays eager.
+  (the recipe's CompilerConfig), CUDA graphs on a GPU, inductor on a CPU (with `DecodeGEMV`, which
+  lets inductor generate the one-row matmuls itself); always fullgraph=True, so a graph break is
+  an error, and the KV cache is marked static. Prefill stays eager.
 - `CachedGraphRunner` keeps the compiled graph on disk for the next process, under a key that
   covers everything that changes the graph (config, steps, TP size and rank, dtype, package source,
   library versions): torchair hashes only the module repr and runs loaded graphs without guards.
@@ -15,6 +16,7 @@ import atexit
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -24,6 +26,7 @@ import time
 import warnings
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from . import platform
 from .generate import ModelRunner
@@ -47,6 +50,42 @@ def npu_compiler_config(mode: str = "max-autotune"):
     return config
 
 
+def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) for one row x as multiply-and-sum: inductor turns it into a single vectorized,
+    multi-threaded reduction that streams w [out, in] along its contiguous `in` axis."""
+    return (x.unsqueeze(-2) * w).sum(-1)
+
+
+class DecodeGEMV(CustomGraphPass):
+    """Inductor pre-grad pass (CPU only): every bias-free F.linear on a single row becomes `gemv`.
+
+    At batch 1 each decode matmul is a matrix-vector product. Left alone, inductor hands it to the
+    BLAS library, whose single-row kernel here reads weights at about half the memory bandwidth and
+    on one core (chapter 09 measures both). The NPU needs no such pass: its matmul kernels are
+    built for this shape. `uuid` puts the pass's source in inductor's cache key.
+    """
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target not in (torch._C._nn.linear, torch.nn.functional.linear):
+                continue
+            x, w = node.args[0], node.args[1]
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            val = x.meta.get("example_value") if isinstance(x, torch.fx.Node) else None
+            if bias is not None or val is None or not statically_known_true(val.numel() == val.shape[-1]):
+                continue                                   # more than one row: BLAS is the right tool
+            with graph.inserting_before(node):
+                new = graph.call_function(gemv, (x, w))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+
+    def uuid(self) -> str:
+        return hashlib.sha256((inspect.getsource(DecodeGEMV) + inspect.getsource(gemv)).encode()).hexdigest()
+
+
 def compile_decode(model, device_kind: str, npu_mode: str = "max-autotune"):
     """`model.decode` as one compiled graph for this device; collectives included (fullgraph)."""
     if device_kind == "npu":
@@ -57,7 +96,7 @@ def compile_decode(model, device_kind: str, npu_mode: str = "max-autotune"):
         return torch.compile(model.decode, dynamic=True, fullgraph=True, backend=backend)
     if device_kind == "cuda":
         return torch.compile(model.decode, dynamic=True, fullgraph=True, mode="reduce-overhead")
-    return torch.compile(model.decode, dynamic=True, fullgraph=True)
+    return torch.compile(model.decode, dynamic=True, fullgraph=True, options={"pre_grad_custom_pass": DecodeGEMV()})
 
 
 def mark_static(model) -> None:

@@ -3,7 +3,8 @@
 - Each class subclasses the previous step's part and routes its math through
   `qwen3moe_tutorial.ops`, with torch_npu's signatures: the NPU kernels on an A3, the pure-PyTorch
   references elsewhere. The calls are the A3 recipe's (npu-ops.md sections 2-10).
-- Weights change layout once, at load time: experts become [E, in, out] for grouped matmul.
+- Weights change layout once, at load time: experts become [E, in, out] for grouped matmul
+  (`grouped_matmul_weight`: NZ on the NPU, a transposed view on other devices).
 - Not here: graph capture (compile.py) and anything that changes numerics beyond op rounding.
 """
 from __future__ import annotations
@@ -24,15 +25,26 @@ ACL_FORMAT_FRACTAL_NZ = 29      # the NPU's internal matmul layout (a no-op off 
 
 
 # ---- fused_routing_gmm ---------------------------------------------------------------------------
+def grouped_matmul_weight(w: torch.Tensor) -> torch.Tensor:
+    """Experts [E, out, in] (checkpoint orientation) -> the [E, in, out] that grouped matmul takes.
+
+    On an NPU machine: a contiguous copy cast to FRACTAL_NZ, as the recipe does. Elsewhere: a
+    transposed view of the same memory, so each expert's matrix-vector product (one row per expert
+    at decode) reads its weights contiguously along `in`, the order a CPU reduction streams fastest.
+    Either way the logical shape, the values and the op call are the same.
+    """
+    if ops.current_provider() == "npu":
+        return ops.npu_format_cast(w.transpose(1, 2).contiguous(), ACL_FORMAT_FRACTAL_NZ)
+    return w.transpose(1, 2)
+
+
 class FusedRoutingGMM(MoETPW13):
     """Router, routing, all experts in two grouped matmuls, and the weighted scatter back: no loop."""
 
     def load(self, ckpt: Checkpoint, prefix: str, dtype: torch.dtype):
         super().load(ckpt, prefix, dtype)
-        self.w13 = nn.Parameter(ops.npu_format_cast(self.w13.transpose(1, 2).contiguous(), ACL_FORMAT_FRACTAL_NZ),
-                                requires_grad=False)                     # [E, H, 2*I_r]
-        self.w2 = nn.Parameter(ops.npu_format_cast(self.w2.transpose(1, 2).contiguous(), ACL_FORMAT_FRACTAL_NZ),
-                               requires_grad=False)                      # [E, I_r, H]
+        self.w13 = nn.Parameter(grouped_matmul_weight(self.w13), requires_grad=False)   # [E, H, 2*I_r]
+        self.w2 = nn.Parameter(grouped_matmul_weight(self.w2), requires_grad=False)     # [E, I_r, H]
 
     def gate(self, x: torch.Tensor):
         """Top-k weights [T, K] (renormalised outside the op, as the recipe does) and expert ids (int32)."""

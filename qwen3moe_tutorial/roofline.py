@@ -70,8 +70,8 @@ def measure_read_bandwidth(size_bytes: int = 256 * 2**20, repeats: int = 5) -> f
     The buffer (256 MiB by default) is far larger than any CPU cache, so the best time is bound by
     DRAM reads; one warm-up pass faults the pages in first. Uses torch's current thread count.
     """
-    x = torch.ones(size_bytes // 4, dtype=torch.float32)
-    torch.sum(x)                                             # warm-up: page faults, thread pool
+    x = torch.rand(size_bytes // 4, dtype=torch.float32)    # distinct pages: nothing a hypervisor could merge
+    torch.sum(x)                                             # warm-up: thread pool
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()

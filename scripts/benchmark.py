@@ -6,8 +6,9 @@
 
 Protocol (design.md section 7): float32, batch 1, a fixed prompt, N new tokens, the device
 synchronised before each clock read, decode = median step after the first, best of --repeats
-runs, compile time recorded separately. Each result file names the commit, machine, versions,
-threads and environment. The summary file compares against the memory-bandwidth floor
+runs, compile time recorded separately. --threads sets torch's thread count for every
+measurement, the read-bandwidth probes included (default: torch's own, one per core). Each
+result file names the commit, machine, versions, threads and environment. The summary file compares against the memory-bandwidth floor
 (activated bytes per token / measured read bandwidth) and the HF peers.
 """
 from __future__ import annotations
@@ -65,8 +66,15 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="results")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for every measurement (default: torch's own); ranks inherit it")
     args = p.parse_args(argv)
 
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)            # spawned ranks start with it
     torch.manual_seed(0)
     model_path = generated_checkpoint(args.preset)
     from transformers import AutoTokenizer
@@ -76,9 +84,8 @@ def main(argv=None) -> int:
     meta = {"preset": args.preset, "tp": args.tp, **provenance(args)}
     max_len = len(prompt_ids) + args.tokens + 8
 
-    bandwidth = roofline.measure_read_bandwidth(repeats=10)   # measured again at the end; the best counts
+    probes = [roofline.measure_read_bandwidth(repeats=10)]    # again after every step: the best counts
     floor_bytes = roofline.bytes_per_token(cfg, args.tp, dtype_bytes=4, context_len=len(prompt_ids) + args.tokens)
-    floor_ms = floor_bytes["total"] / bandwidth * 1e3
     rows = []
     peers = [] if (args.no_peers or args.tp != 1) else ["hf_eager", "hf_best"]
     for name in peers + (args.steps or list(STEP_NAMES)):
@@ -93,11 +100,15 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, f"{args.preset}-tp{args.tp}-{name}.json"), "w") as f:
             json.dump(row, f, indent=1)
         print(f"   {row['decode_ms_per_token']:.2f} ms/token, compile {row['compile_s']:.1f} s", file=sys.stderr)
+        probes.append(roofline.measure_read_bandwidth(repeats=10))
 
-    bandwidth = max(bandwidth, roofline.measure_read_bandwidth(repeats=10))
+    bandwidth = max(probes)
     floor_ms = floor_bytes["total"] / bandwidth * 1e3
     reference_tokens = next((r["token_ids"] for r in rows if r["step"] in ("hf_eager", "hf_baseline")), None)
     summary = {**meta, "read_bandwidth_GBps": bandwidth / 1e9, "bytes_per_token": floor_bytes["total"],
+               "read_bandwidth_probes_GBps": [round(b / 1e9, 2) for b in probes],
+               "read_bandwidth_method": f"torch.sum over 256 MiB of float32, best of 10, {torch.get_num_threads()} "
+                                        f"threads, before the first step and after each; the best probe counts",
                "floor_ms": floor_ms, "rows": []}
     for r in rows:
         entry = {"step": r["step"], "decode_ms_per_token": r["decode_ms_per_token"], "compile_s": r["compile_s"],

@@ -5,6 +5,9 @@
 For each HTML page under --html (not _static/, _sources/, _images/) the check fails when:
 - the page has no <title> or no non-empty <h1>;
 - an <img> did not load (not complete, or naturalWidth 0);
+- an <img> in the page's content (<main>, else <body>) has no alt text: no alt attribute, an empty
+  one, or one that is only the image's file name (what Sphinx writes when a figure has none; a
+  notebook figure gets real alt text from its cell's `mystnb.image.alt` metadata);
 - an output cell shows an error (.output.error / .output.traceback, or a stderr output or any cell
   output containing "Traceback (most recent call last)");
 - an output holds a Markdown table that was rendered as plain text (myst-nb renders Markdown
@@ -258,6 +261,16 @@ INSPECT_JS = r"""
     if (/^\|.*\|/.test(t) && /\|\s*:?[-\u2013\u2014]{1,}:?\s*\|/.test(t))
       errors.push("Markdown table shown as raw text (render it as gfm): " + t.slice(0, 80));
   });
+  // alt text: missing, blank, or only the file name (docutils' default when no alt is given)
+  const fileName = s => (s || "").split(/[?#]/)[0].split("/").pop();
+  const altProblems = [];
+  (document.querySelector("main") || document.body).querySelectorAll("img").forEach(img => {
+    const src = img.getAttribute("src"), alt = (img.getAttribute("alt") || "").trim();
+    if (!alt)
+      altProblems.push("image without alt text: " + src);
+    else if (alt === src || (fileName(src) && fileName(alt) === fileName(src)))
+      altProblems.push("image whose alt text is its file name: " + src);
+  });
   const refs = [];
   document.querySelectorAll("a[href], link[href]").forEach(el => refs.push(el.getAttribute("href")));
   document.querySelectorAll("script[src], img[src]").forEach(el => refs.push(el.getAttribute("src")));
@@ -268,6 +281,7 @@ INSPECT_JS = r"""
     images: imgs.map(img => ({src: img.getAttribute("src"), complete: img.complete, width: img.naturalWidth,
                               alt: img.getAttribute("alt")})),
     errors: Array.from(new Set(errors)),
+    alt_problems: Array.from(new Set(altProblems)),
     refs: Array.from(new Set(refs)),
   };
 })()
@@ -298,6 +312,7 @@ def check_page(browser: Browser, html_dir: Path, rel: str, out_dir: Path) -> dic
     for img in info["images"]:
         if not img["complete"] or not img["width"]:
             result["problems"].append(f"image did not load: {img['src']}")
+    result["problems"] += info["alt_problems"]
     result["problems"] += info["errors"]
     for href in info["refs"]:
         why = broken_link(html_dir, page, href or "")

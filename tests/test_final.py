@@ -95,3 +95,53 @@ def test_bad_arguments_print_usage(argv, words, capsys):
 def test_cli_bad_input_exits_cleanly(tmp_path):
     p = run_cli("--model-path", str(tmp_path / "missing"))
     assert p.returncode == 2 and "Traceback" not in p.stderr and "does not exist" in p.stderr
+
+
+def _live_session_members(sid: int) -> list[int]:
+    """Processes (not zombies) in session `sid`, read from /proc."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()      # state, ppid, pgrp, session, ...
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc") or not hasattr(os, "killpg"), reason="needs Linux /proc")
+@pytest.mark.parametrize("target", ["group", "launcher"])
+def test_ctrl_c_leaves_no_worker_processes(target):
+    """Ctrl-C in a terminal sends SIGINT to the whole foreground group; `kill -INT` only to the launcher.
+    Either way the job ends with exit 130 and no process of it survives."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "qwen3moe_tutorial.final", "--tp", "2", "--upto", "fused_attention",
+                             "--max-new-tokens", "900", "--max-seq-len", "1000", "--ignore-eos"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_live_session_members(proc.pid)) < 3:           # the launcher and its two ranks
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the ranks did not start"
+            time.sleep(0.2)
+        time.sleep(3)                                              # let them load and start generating
+        if target == "group":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+        deadline = time.monotonic() + 15
+        while _live_session_members(proc.pid):
+            assert time.monotonic() < deadline, f"left running: {_live_session_members(proc.pid)}"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -128,7 +128,9 @@ def test_moe_decode_path_traces_as_one_graph():
     want = moe_block(*args)
     counter = CompileCounter()
     fn = compiled(moe_block, backend=counter)
-    torch.testing.assert_close(fn(*args), want, rtol=0, atol=0)
+    # traced, the reference grouped matmul is a multiply-and-sum (one fused kernel under inductor)
+    # instead of a gathered bmm: the same products, summed in another order
+    torch.testing.assert_close(fn(*args), want, rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 1
 
 

@@ -380,7 +380,10 @@ def _gmm_gathered(x, w, ends, bias):
     parts = []
     for s in range(0, M, chunk):                                            # a loop over shapes, not values
         g = gid[s:s + chunk]
-        y = torch.bmm(x[s:s + chunk].float().unsqueeze(1), w[g].float()).squeeze(1)   # [c, N]
+        if _eager():                                                        # gathers w[g] [c, K, N], then bmm
+            y = torch.bmm(x[s:s + chunk].float().unsqueeze(1), w[g].float()).squeeze(1)   # [c, N]
+        else:       # a multiply-and-sum that inductor fuses into one kernel reading each w[g] once, in place
+            y = (x[s:s + chunk].float().unsqueeze(-1) * w[g].float()).sum(1)             # [c, N]
         if bias is not None:
             y = y + bias.float()[g]
         parts.append(y)

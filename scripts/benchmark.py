@@ -81,7 +81,9 @@ def main(argv=None) -> int:
     prompt_ids = AutoTokenizer.from_pretrained(model_path)(PROMPT)["input_ids"]
     cfg = preset(args.preset)
     os.makedirs(args.out, exist_ok=True)
-    meta = {"preset": args.preset, "tp": args.tp, **provenance(args)}
+    # files: <preset>-tp<N>[-t<threads> when --threads is given]-<step>.json
+    prefix = f"{args.preset}-tp{args.tp}" + (f"-t{args.threads}" if args.threads is not None else "")
+    meta = {"preset": args.preset, "tp": args.tp, "files_prefix": prefix, **provenance(args)}
     max_len = len(prompt_ids) + args.tokens + 8
 
     probes = [roofline.measure_read_bandwidth(repeats=10)]    # again after every step: the best counts
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
                                max_len=max_len, count_ops=args.tp == 1)
         row = {**meta, **row}
         rows.append(row)
-        with open(os.path.join(args.out, f"{args.preset}-tp{args.tp}-{name}.json"), "w") as f:
+        with open(os.path.join(args.out, f"{prefix}-{name}.json"), "w") as f:
             json.dump(row, f, indent=1)
         print(f"   {row['decode_ms_per_token']:.2f} ms/token, compile {row['compile_s']:.1f} s", file=sys.stderr)
         probes.append(roofline.measure_read_bandwidth(repeats=10))
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
             if base:
                 entry[f"speedup_vs_{peer}"] = base["decode_ms_per_token"] / r["decode_ms_per_token"]
         summary["rows"].append(entry)
-    with open(os.path.join(args.out, f"{args.preset}-tp{args.tp}-summary.json"), "w") as f:
+    with open(os.path.join(args.out, f"{prefix}-summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"floor {floor_ms:.2f} ms/token ({bandwidth / 1e9:.1f} GB/s, {floor_bytes['total'] / 1e6:.1f} MB/token)")
     for e in summary["rows"]:

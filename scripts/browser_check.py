@@ -8,6 +8,8 @@ For each HTML page under --html (not _static/, _sources/, _images/) the check fa
 - an <img> in the page's content (<main>, else <body>) has no alt text: no alt attribute, an empty
   one, or one that is only the image's file name (what Sphinx writes when a figure has none; a
   notebook figure gets real alt text from its cell's `mystnb.image.alt` metadata);
+- an embedded widget view (a widget-view+json script) did not turn into a rendered widget within
+  10 s: the widget scripts come from _static/widgets/ (scripts/fetch_widget_js.py), never a CDN;
 - an output cell shows an error (.output.error / .output.traceback, or a stderr output or any cell
   output containing "Traceback (most recent call last)");
 - an output holds a Markdown table that was rendered as plain text (myst-nb renders Markdown
@@ -271,6 +273,18 @@ INSPECT_JS = r"""
     else if (alt === src || (fileName(src) && fileName(alt) === fileName(src)))
       altProblems.push("image whose alt text is its file name: " + src);
   });
+  // embedded widgets: each view script must turn into a rendered widget (the manager renders async)
+  const views = document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]').length;
+  const rendered = () => document.querySelectorAll(".jupyter-widgets.widget-container, " +
+    ".jupyter-widgets.jupyter-widget-hbox, .jupyter-widgets.jupyter-widget-vbox, " +
+    ".jupyter-widgets.widget-inline-hbox, .jupyter-widgets.widget-hbox, .jupyter-widgets.widget-vbox").length;
+  for (let waited = 0; views && rendered() < views && waited < 10000; waited += 100)
+    await new Promise(done => setTimeout(done, 100));
+  const widgetProblems = [];
+  if (views && rendered() < views)
+    widgetProblems.push(`widgets not rendered: ${rendered()} of ${views} embedded views` +
+      (typeof window.require === "undefined" ? " (RequireJS did not load: run scripts/fetch_widget_js.py " +
+       "before building)" : ""));
   const refs = [];
   document.querySelectorAll("a[href], link[href]").forEach(el => refs.push(el.getAttribute("href")));
   document.querySelectorAll("script[src], img[src]").forEach(el => refs.push(el.getAttribute("src")));
@@ -282,6 +296,8 @@ INSPECT_JS = r"""
                               alt: img.getAttribute("alt")})),
     errors: Array.from(new Set(errors)),
     alt_problems: Array.from(new Set(altProblems)),
+    widget_problems: widgetProblems,
+    widget_views: views,
     refs: Array.from(new Set(refs)),
   };
 })()
@@ -312,7 +328,8 @@ def check_page(browser: Browser, html_dir: Path, rel: str, out_dir: Path) -> dic
     for img in info["images"]:
         if not img["complete"] or not img["width"]:
             result["problems"].append(f"image did not load: {img['src']}")
-    result["problems"] += info["alt_problems"]
+    result["problems"] += info["alt_problems"] + info["widget_problems"]
+    result["widget_views"] = info["widget_views"]
     result["problems"] += info["errors"]
     for href in info["refs"]:
         why = broken_link(html_dir, page, href or "")

@@ -1,7 +1,8 @@
 """The built book in a real browser: every page of _build/html opened in headless Chromium.
 
-Each page must have a title and a heading, load every image, show no error output or raw Markdown
-table, and link only to files and anchors that exist; a full-page screenshot of each goes to
+Each page must have a title and a heading, load every image (each with real alt text), render
+every embedded widget, show no error output or raw Markdown table, and link only to files and
+anchors that exist; a full-page screenshot of each goes to
 _build/screenshots/ (scripts/browser_check.py does the work). Skipped, with the reason, when the
 book has not been built (`jupyter-book build . -W -n --keep-going`) or Chromium is not installed
 (`apt-get install -y chromium`).
@@ -85,12 +86,15 @@ def test_the_checker_catches_what_it_claims(tmp_path):
     (tmp_path / "bad.html").write_text(
         '<html><head><title></title></head><body><img src="gone.png">'
         '<div class="cell_output"><div class="output traceback">Traceback (most recent call last): boom</div>'
-        '<p>| a | b | |---|---| | 1 | 2 |</p></div><a href="nowhere.html">dead</a></body></html>')
+        '<p>| a | b | |---|---| | 1 | 2 |</p></div><a href="nowhere.html">dead</a>'
+        '<script type="application/vnd.jupyter.widget-view+json">{"model_id": "m1", "version_major": 2}</script>'
+        '</body></html>')
     results = {r["page"]: r for r in browser_check.check_site(tmp_path, tmp_path / "shots", CHROMIUM)}
     assert results["index.html"]["problems"] == [] and results["index.html"]["redirect"] == "good.html"
     good, bad = results["good.html"]["problems"], " | ".join(results["bad.html"]["problems"])
     assert good == ["broken link bad.html#missing: no element with id 'missing' in bad.html"], good
     for expected in ("no <title>", "no <h1>", "image did not load: gone.png", "error output: Traceback",
-                     "Markdown table shown as raw text", "broken link nowhere.html: no such file"):
+                     "Markdown table shown as raw text", "broken link nowhere.html: no such file",
+                     "image without alt text: gone.png", "widgets not rendered: 0 of 1 embedded views"):
         assert expected in bad, (expected, bad)
     assert (tmp_path / "shots" / "good.png").stat().st_size > 0

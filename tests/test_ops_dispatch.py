@@ -141,7 +141,7 @@ def test_attention_decode_path_traces_and_mutates_the_cache():
     counter = CompileCounter()
     fn = compiled(attention_block, backend=counter, dynamic=True)
     out, res = fn(*fresh, [4, 10])
-    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-6)   # traced: multiply-and-sum, not bmm
     assert torch.equal(fresh[6], args[6]) and fresh[6][1, 9].abs().sum() > 0     # cache written in place
     fresh[8].add_(1)                                               # next decode step: positions move
     fn(*fresh, [5, 11])

@@ -358,7 +358,13 @@ def _group_ends(op, group_list, group_list_type, G, M, device):
         _fail(op, f"group_list has {group_list.shape[0]} entries but the weights hold {G} groups")
     if group_list_type not in (0, 1):
         _fail(op, f"group_list_type must be 0 (cumulative) or 1 (counts), got {group_list_type!r}")
-    ends = group_list.long() if group_list_type == 0 else group_list.long().cumsum(0)
+    if group_list_type == 0:
+        ends = group_list.long()
+    elif _eager():
+        ends = group_list.long().cumsum(0)
+    else:       # cumsum as a masked sum over the G x G lower triangle: inductor fuses it (no library call)
+        g = torch.arange(G, device=device)
+        ends = (group_list.long().unsqueeze(0) * (g.unsqueeze(0) <= g.unsqueeze(1))).sum(-1)
     if _eager() and G:
         if group_list_type == 1 and bool((group_list < 0).any()):
             _fail(op, f"group_list counts must be non-negative, got {group_list.tolist()}")
@@ -373,7 +379,10 @@ def _gmm_gathered(x, w, ends, bias):
     """Per-row gathered matmul: row r uses weight w[group(r)]; no host sync, any M (row chunks)."""
     M, G, (_, Kd, N) = x.shape[0], w.shape[0], w.shape
     rows = torch.arange(M, device=x.device)
-    gid = torch.searchsorted(ends, rows, right=True)                        # [M], G = past the last group
+    if _eager():
+        gid = torch.searchsorted(ends, rows, right=True)                    # [M], G = past the last group
+    else:                                                                   # the same count, fused by inductor
+        gid = (ends.unsqueeze(0) <= rows.unsqueeze(1)).sum(-1)
     valid = gid < G
     gid = gid.clamp(max=G - 1)
     chunk = max(1, _GMM_GATHER_BUDGET // max(Kd * N, 1))
@@ -607,7 +616,11 @@ def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_
                   f"query {tuple(q.shape)} (as [B, N, S, D])")
     G = N // Nkv
     # [B, Nkv, G*S, D] @ [B, Nkv, D, S_kv]: head h = kvh*G + g shares KV head kvh = h // G
-    scores = (q.float() * scale).reshape(B, Nkv, G * S, D) @ k.float().transpose(-1, -2)
+    qg = (q.float() * scale).reshape(B, Nkv, G * S, D)
+    if _eager():
+        scores = qg @ k.float().transpose(-1, -2)                           # [B, Nkv, G*S, S_kv]
+    else:               # a multiply-and-sum: inductor fuses it with the mask and softmax (no library call)
+        scores = (qg.unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1)
     scores = scores.view(B, N, S, S_kv)
     mask = _attention_mask(op, atten_mask, sparse_mode, pre_tokens, next_tokens, B, N, S, S_kv, q.device)
     if actual_seq_lengths_kv is not None:
@@ -619,7 +632,11 @@ def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_
     if mask is not None:                                                    # fully masked rows -> 0, not NaN
         probs = torch.nan_to_num(probs, nan=0.0)
     probs = probs.to(query.dtype).float().view(B, Nkv, G * S, S_kv)
-    out = (probs @ v.float()).view(B, N, S, D).to(query.dtype)              # [B, N, S, D]
+    if _eager():
+        out = probs @ v.float()                                             # [B, Nkv, G*S, D]
+    else:
+        out = (probs.unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2)
+    out = out.view(B, N, S, D).to(query.dtype)                              # [B, N, S, D]
     if input_layout == "BSH":
         out = out.transpose(1, 2).reshape(B, S, N * D)
     elif input_layout == "BSND":

@@ -146,7 +146,8 @@ def _gmm_cases(cfg, gen, sets: int = 3):
     out_in = [torch.randn(E, N, K, generator=gen) for _ in range(sets)]          # checkpoint orientation
     in_out = [w.transpose(1, 2).contiguous() for w in out_in]                    # the recipe's [E, in, out]
     x = torch.randn(M, K, generator=gen)
-    rows = [torch.randperm(E, generator=gen)[:M].sort().values for _ in range(sets)]
+    # 16 routings x `sets` weight sets, cycled together: 48 distinct calls, no expert read twice in a row
+    rows = [torch.randperm(E, generator=gen)[:M].sort().values for _ in range(16)]
 
     def gather_bmm(x, w, g):
         return torch.bmm(x.unsqueeze(1), w[g]).squeeze(1)
@@ -157,8 +158,9 @@ def _gmm_cases(cfg, gen, sets: int = 3):
     def mul_sum_view(x, w_out_in, g):
         return mul_sum(x, w_out_in.transpose(1, 2), g)
 
-    contiguous = [(x, w, g) for w, g in zip(in_out, rows)]
-    views = [(x, w, g) for w, g in zip(out_in, rows)]
+    calls = [(i % sets, i % len(rows)) for i in range(sets * len(rows))]
+    contiguous = [(x, in_out[w], rows[g]) for w, g in calls]
+    views = [(x, out_in[w], rows[g]) for w, g in calls]
     cases = [("gmm: eager gather + bmm", gather_bmm, contiguous),
              ("gmm: compiled gather + bmm", torch.compile(gather_bmm, fullgraph=True), contiguous),
              ("gmm: compiled mul-sum, [E,in,out]", torch.compile(mul_sum, fullgraph=True), contiguous),

@@ -274,10 +274,11 @@ INSPECT_JS = r"""
       altProblems.push("image whose alt text is its file name: " + src);
   });
   // embedded widgets: each view script must turn into a rendered widget (the manager renders async)
-  const views = document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]').length;
-  const rendered = () => document.querySelectorAll(".jupyter-widgets.widget-container, " +
-    ".jupyter-widgets.jupyter-widget-hbox, .jupyter-widgets.jupyter-widget-vbox, " +
-    ".jupyter-widgets.widget-inline-hbox, .jupyter-widgets.widget-hbox, .jupyter-widgets.widget-vbox").length;
+  // (the manager inserts each rendered view next to its script: count scripts with a widget beside them)
+  const viewScripts = Array.from(document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]'));
+  const views = viewScripts.length;
+  const rendered = () => viewScripts.filter(el => el.parentElement &&
+    el.parentElement.querySelector(".jupyter-widgets, .lm-Widget")).length;
   for (let waited = 0; views && rendered() < views && waited < 10000; waited += 100)
     await new Promise(done => setTimeout(done, 100));
   const widgetProblems = [];

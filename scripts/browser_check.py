@@ -282,6 +282,10 @@ INSPECT_JS = r"""
   for (let waited = 0; views && rendered() < views && waited < 10000; waited += 100)
     await new Promise(done => setTimeout(done, 100));
   const widgetProblems = [];
+  const areas = document.querySelectorAll(".widget-subarea").length;   // one per rendered view
+  if (areas > views)
+    widgetProblems.push(`widgets rendered more than once: ${areas} rendered areas for ${views} views ` +
+                        "(the widget manager was loaded twice)");
   if (views && rendered() < views)
     widgetProblems.push(`widgets not rendered: ${rendered()} of ${views} embedded views` +
       (typeof window.require === "undefined" ? " (RequireJS did not load: run scripts/fetch_widget_js.py " +

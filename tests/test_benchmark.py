@@ -29,3 +29,8 @@ def test_deep_targets_and_an_explicit_step():
 
 def test_presets_without_targets_have_no_checks():
     assert target_checks(summary("tiny", x_floor=1.0)) == []
+
+
+def test_targets_are_for_tp_1_only():
+    s = summary("mini", x_floor=1.0, speedup_vs_hf_eager=2.0, speedup_vs_hf_best=2.0)
+    assert len(target_checks({**s, "tp": 1})) == 3 and target_checks({**s, "tp": 8}) == []

@@ -36,6 +36,15 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (batched). Eagerly, the library's matmul. Under compile, a multiply-and-sum over the inner
+    dimension, which inductor fuses with its neighbours into its own kernel: at decode sizes that
+    streams the operands faster than a library call per product (chapter 9, lab log entry 9)."""
+    if _eager():
+        return a @ b
+    return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
+
+
 def _fail(op: str, msg: str):
     raise OpInputError(f"{op}: {msg}")
 
@@ -389,10 +398,7 @@ def _gmm_gathered(x, w, ends, bias):
     parts = []
     for s in range(0, M, chunk):                                            # a loop over shapes, not values
         g = gid[s:s + chunk]
-        if _eager():                                                        # gathers w[g] [c, K, N], then bmm
-            y = torch.bmm(x[s:s + chunk].float().unsqueeze(1), w[g].float()).squeeze(1)   # [c, N]
-        else:       # a multiply-and-sum that inductor fuses into one kernel reading each w[g] once, in place
-            y = (x[s:s + chunk].float().unsqueeze(-1) * w[g].float()).sum(1)             # [c, N]
+        y = _matmul(x[s:s + chunk].float().unsqueeze(1), w[g].float()).squeeze(1)        # [c, N]
         if bias is not None:
             y = y + bias.float()[g]
         parts.append(y)
@@ -616,11 +622,7 @@ def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_
                   f"query {tuple(q.shape)} (as [B, N, S, D])")
     G = N // Nkv
     # [B, Nkv, G*S, D] @ [B, Nkv, D, S_kv]: head h = kvh*G + g shares KV head kvh = h // G
-    qg = (q.float() * scale).reshape(B, Nkv, G * S, D)
-    if _eager():
-        scores = qg @ k.float().transpose(-1, -2)                           # [B, Nkv, G*S, S_kv]
-    else:               # a multiply-and-sum: inductor fuses it with the mask and softmax (no library call)
-        scores = (qg.unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1)
+    scores = _matmul((q.float() * scale).reshape(B, Nkv, G * S, D), k.float().transpose(-1, -2))
     scores = scores.view(B, N, S, S_kv)
     mask = _attention_mask(op, atten_mask, sparse_mode, pre_tokens, next_tokens, B, N, S, S_kv, q.device)
     if actual_seq_lengths_kv is not None:
@@ -632,11 +634,7 @@ def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_
     if mask is not None:                                                    # fully masked rows -> 0, not NaN
         probs = torch.nan_to_num(probs, nan=0.0)
     probs = probs.to(query.dtype).float().view(B, Nkv, G * S, S_kv)
-    if _eager():
-        out = probs @ v.float()                                             # [B, Nkv, G*S, D]
-    else:
-        out = (probs.unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2)
-    out = out.view(B, N, S, D).to(query.dtype)                              # [B, N, S, D]
+    out = _matmul(probs, v.float()).view(B, N, S, D).to(query.dtype)        # [B, N, S, D]
     if input_layout == "BSH":
         out = out.transpose(1, 2).reshape(B, S, N * D)
     elif input_layout == "BSND":

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 
@@ -73,8 +75,6 @@ class HFCompiledRunner(HFRunner):
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        import time
-
         t0 = time.perf_counter()
         out = self.compiled(input_ids=ids, cache=self.cache, use_cache=True,
                             cache_position=torch.tensor([pos], device=ids.device))

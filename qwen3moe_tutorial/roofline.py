@@ -68,7 +68,8 @@ def measure_read_bandwidth(size_bytes: int = 256 * 2**20, repeats: int = 5) -> f
     """Bytes/s that `torch.sum` streams from memory on this host (best of `repeats`).
 
     The buffer (256 MiB by default) is far larger than any CPU cache, so the best time is bound by
-    DRAM reads; one warm-up pass faults the pages in first. Uses torch's current thread count.
+    DRAM reads; filling it with random values touches every page before the clock starts, and one
+    untimed pass starts the thread pool. Uses torch's current thread count.
     """
     x = torch.rand(size_bytes // 4, dtype=torch.float32)    # distinct pages: nothing a hypervisor could merge
     torch.sum(x)                                             # warm-up: thread pool
@@ -362,8 +363,9 @@ def predict_ladder(cfg: ModelConfig, tp: int, measured_ops: dict[str, float], me
     - aiv: all-reduce latency of AIV instead of AI_CPU (ALLREDUCE_US).
     Each row says whether the step's weights fit in one device's memory (`fits`)."""
     hw = hardware(hw) if isinstance(hw, str) else hw
-    order = steps or ("hf_baseline", "reference", "attention_tp", "merged_qkv", "moe_tp_w13_swiglu",
-                      "fused_routing_gmm", "fused_rmsnorm", "fused_attention", "graph_mode", "compile_cache", "aiv")
+    from .steps import STEP_NAMES
+
+    order = steps or STEP_NAMES
     rows = []
     for step in order:
         size = 1 if step in SINGLE_DEVICE_STEPS else tp

@@ -154,7 +154,8 @@ class GraphRunner(ModelRunner):
         if self.compiled is None:
             t0 = platform.now_ms(self.device_kind)
             self.compiled = self.compile()
-            logits = self.compiled(ids, input_pos, pos + 1)  # the first call traces and compiles
+            with torch._dynamo.config.patch(specialize_float=True):   # float attributes (eps) become constants
+                logits = self.compiled(ids, input_pos, pos + 1)        # the first call traces and compiles
             self.compile_s = (platform.now_ms(self.device_kind) - t0) / 1e3
             self.after_first_call()
             return logits

@@ -1,6 +1,7 @@
 """Graph mode, compile cache and the aiv launcher step (chapters 09-11)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -123,3 +124,25 @@ def test_allreduce_benchmark_runs_on_gloo():
     out = parallel.spawn(parallel.allreduce_benchmark, 2, ([256, 4096], 3, 1))
     assert out["world_size"] == 2 and out["sizes_bytes"] == [256, 4096]
     assert all(t > 0 for t in out["median_us"])
+
+
+def test_compiled_cache_write_touches_only_the_new_rows():
+    """scatter_update_ under compile writes the new rows into the cache in place: no copy of the
+    whole cache per step (inductor's code for a scatter_ copied it out, updated and copied it back)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from qwen3moe_tutorial.ops import reference
+
+    def write(cache, pos, new):
+        reference.scatter_update_(cache, pos, new, -2)
+        return new * 2
+
+    cache = torch.randn(1, 97, 40)                                           # 3880 values, an odd size
+    want = cache.clone()
+    want[0, 13] = torch.arange(40.0)
+    new = torch.arange(40.0).view(1, 1, 40)
+    torch._dynamo.reset()
+    _, (code, *_) = run_and_get_code(torch.compile(write, fullgraph=True), cache, torch.tensor([13]), new)
+    assert torch.equal(cache, want)                                          # written in place, one row
+    loop_bounds = set(re.findall(r"<\s*static_cast<int64_t>\((\d+)L\)", code))
+    assert loop_bounds and not loop_bounds & {"3880", "97"}, loop_bounds   # no loop over the whole cache

@@ -709,9 +709,12 @@ def scatter_update_(self, indices, updates, axis):
         _fail(op, f"updates dtype {updates.dtype} must match the cache dtype {self.dtype}")
     if _eager() and B and bool(((indices < 0) | (indices + L > self.shape[ax])).any()):
         _fail(op, f"positions {indices.tolist()} + {L} rows run outside [0, {self.shape[ax]}) along axis {axis}")
-    start = indices.long().view([B] + [1] * (nd - 1))
-    offset = torch.arange(L, device=self.device).view([1] * ax + [L] + [1] * (nd - ax - 1))
-    return self.scatter_(ax, (start + offset).expand(updates.shape), updates)
+    # index_put_ of the rows [B, L] into self viewed with `axis` second: a compiler writes just those
+    # rows in place (for a scatter_ inductor copies the whole cache, updates the copy, copies it back)
+    rows = indices.long().view(B, 1) + torch.arange(L, device=self.device)            # [B, L]
+    batch = torch.arange(B, device=self.device).view(B, 1).expand(B, L)                # [B, L]
+    self.movedim(ax, 1).index_put_((batch, rows), updates.movedim(ax, 1))
+    return self
 
 
 def npu_scatter_nd_update_(self, indices, updates):

@@ -110,6 +110,25 @@ def test_fia_decode_attends_over_each_batch_length(dtype):
     torch.testing.assert_close(one.double(), to_bsh(sdpa_bnsd(q, k, v, valid_kv=[1, 1, 1])), **TOL[dtype])
 
 
+def test_fia_decode_never_reads_past_the_length():
+    """Rows past actual_seq_lengths_kv are not read at all: a NaN there (an uninitialised cache) must
+    not reach the output, eagerly or compiled with a symbolic length."""
+    B, S_max, N, Nkv, D = 1, 32, 4, 2, 8
+    q, k, v = rand(B, N, 1, D), rand(B, Nkv, S_max, D, seed=1), rand(B, Nkv, S_max, D, seed=2)
+    k[:, :, 9:], v[:, :, 9:] = float("nan"), float("nan")
+
+    def attend(q, k, v, n):
+        return R.npu_fused_infer_attention_score(to_bsh(q), to_bsh(k), to_bsh(v), num_heads=N,
+                                                 num_key_value_heads=Nkv, scale=D ** -0.5,
+                                                 actual_seq_lengths_kv=[n])[0]
+
+    compiled = torch.compile(attend, dynamic=True, fullgraph=True)
+    for n in (9, 5):
+        want = to_bsh(sdpa_bnsd(q[..., :, :], k[:, :, :n], v[:, :, :n]))
+        torch.testing.assert_close(attend(q, k, v, n).double(), want, **TOL[torch.float32])
+        torch.testing.assert_close(compiled(q, k, v, n).double(), want, **TOL[torch.float32])
+
+
 def test_fia_softmax_cast_to_input_dtype_before_v_and_lse():
     q, k, v = (rand(1, 2, 3, 8, dtype=torch.bfloat16, seed=i) for i in range(3))
     out, lse = R.npu_fused_infer_attention_score(q, k, v, num_heads=2, input_layout="BNSD", scale=0.3,

@@ -524,8 +524,7 @@ def _heads_view(op, t, layout, n_heads, name):
     return t.transpose(1, 2) if layout == "BSND" else t
 
 
-def _seq_lengths_mask(op, lengths, B, S_kv, device):
-    """[B, 1, 1, S_kv] True where a cache position is at or past that batch's length."""
+def _check_seq_lengths(op, lengths, B, S_kv):
     if isinstance(lengths, torch.Tensor) or not isinstance(lengths, Sequence):
         _fail(op, "actual_seq_lengths_kv must be a list of ints (schema SymInt[]), e.g. kv_len.tolist()")
     if len(lengths) != 1 and len(lengths) != B:       # (not `in (1, B)`: B may be symbolic)
@@ -534,6 +533,10 @@ def _seq_lengths_mask(op, lengths, B, S_kv, device):
         for n in lengths:
             if not 0 <= operator.index(n) <= S_kv:
                 _fail(op, f"actual_seq_lengths_kv entry {n} is outside [0, S_kv = {S_kv}]")
+
+
+def _seq_lengths_mask(lengths, B, S_kv, device):
+    """[B, 1, 1, S_kv] True where a cache position is at or past that batch's length."""
     pos = torch.arange(S_kv, device=device)
     if len(lengths) == 1:
         return (pos >= lengths[0]).view(1, 1, 1, S_kv)
@@ -621,12 +624,21 @@ def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_
         _fail(op, f"key {tuple(k.shape)} / value {tuple(v.shape)} (as [B, Nkv, S_kv, D]) do not fit "
                   f"query {tuple(q.shape)} (as [B, N, S, D])")
     G = N // Nkv
+    mask = _attention_mask(op, atten_mask, sparse_mode, pre_tokens, next_tokens, B, N, S, S_kv, q.device)
+    lengths = actual_seq_lengths_kv
+    if lengths is not None:
+        _check_seq_lengths(op, lengths, B, S_kv)
+        if len(lengths) == 1 and mask is None:
+            # One length for the whole batch and no other mask: positions past it are never attended,
+            # so read only [0, length), as the NPU kernel does (stale rows cannot leak in, not even as
+            # 0 * NaN). Under compile the length stays symbolic: the work follows the tokens in the
+            # cache, not its capacity.
+            k, v, S_kv, lengths = k[:, :, : lengths[0]], v[:, :, : lengths[0]], lengths[0], None
     # [B, Nkv, G*S, D] @ [B, Nkv, D, S_kv]: head h = kvh*G + g shares KV head kvh = h // G
     scores = _matmul((q.float() * scale).reshape(B, Nkv, G * S, D), k.float().transpose(-1, -2))
     scores = scores.view(B, N, S, S_kv)
-    mask = _attention_mask(op, atten_mask, sparse_mode, pre_tokens, next_tokens, B, N, S, S_kv, q.device)
-    if actual_seq_lengths_kv is not None:
-        len_mask = _seq_lengths_mask(op, actual_seq_lengths_kv, B, S_kv, q.device)
+    if lengths is not None:
+        len_mask = _seq_lengths_mask(lengths, B, S_kv, q.device)
         mask = len_mask if mask is None else mask | len_mask
     if mask is not None:
         scores = scores.masked_fill(mask, float("-inf"))

@@ -212,10 +212,39 @@ def _tree_digest(root: str) -> dict[str, str]:
     return out
 
 
+def _graph_state() -> tuple[int, int]:
+    """(fresh compile states, graphs dynamo has compiled) in this process: unchanged since a
+    runner's first call means that runner's graph is still the only one."""
+    return _compiles_in_process, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 class CachedGraphRunner(GraphRunner):
     """GraphRunner whose compiled graph lives in `<cache_dir>/<key>/rank<r>` and is reused by the
     next process with the same key. A manifest records the key's fields and a checksum of every
-    file; anything that does not verify is deleted and rebuilt, with a warning."""
+    file; anything that does not verify is deleted and rebuilt, with a warning.
+
+    Like torchair's cached graphs, the graph then runs without dynamo's guard checks (CPU and GPU;
+    `skip_guards`): every decode call has the same input shapes, and what could still differ is
+    checked here instead, cheaply. Guards are checked again as soon as any other graph has been
+    compiled in the process, since dynamo then has more than one graph to choose from.
+    """
+
+    skip_guards = True
+    signature = None                                     # the decode input the graph was built for
+
+    def decode(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        if self.signature is None or self.device_kind == "npu":      # torchair has no guards to skip
+            logits = super().decode(ids, pos)
+            self.signature, self.state = (tuple(ids.shape), ids.dtype, ids.device), _graph_state()
+            return logits
+        if (tuple(ids.shape), ids.dtype, ids.device) != self.signature:
+            raise ValueError(f"decode ids {tuple(ids.shape)} {ids.dtype} on {ids.device} differ from the "
+                             f"{self.signature[0]} {self.signature[1]} on {self.signature[2]} this runner's "
+                             f"graph was compiled for; build a new runner for another batch size")
+        if not self.skip_guards or _graph_state() != self.state:
+            return super().decode(ids, pos)
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            return super().decode(ids, pos)
 
     def compile(self):
         root = self.options.get("compile_cache") or os.path.join(cache_root(), "compile")

@@ -146,3 +146,24 @@ def test_compiled_cache_write_touches_only_the_new_rows():
     assert torch.equal(cache, want)                                          # written in place, one row
     loop_bounds = set(re.findall(r"<\s*static_cast<int64_t>\((\d+)L\)", code))
     assert loop_bounds and not loop_bounds & {"3880", "97"}, loop_bounds   # no loop over the whole cache
+
+
+def test_cached_graph_skips_guards_only_while_it_is_the_only_graph(tmp_path, tiny_ckpt, hf_tokens, monkeypatch):
+    skipped = []
+    real = torch.compiler.set_stance
+
+    def spy(*args, **kwargs):
+        skipped.append(kwargs.get("skip_guard_eval_unsafe", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.compiler, "set_stance", spy)
+    a = build_runner(recipe_upto("compile_cache"), tiny_ckpt, max_len=64, compile_cache=str(tmp_path))
+    assert greedy_generate(a, PROMPT, 12).token_ids == hf_tokens
+    assert skipped == [True] * 10                         # decode steps 2-11 ran the graph without guards
+    with pytest.raises(ValueError, match="differ from"):  # what the guards would have caught: a new batch size
+        a.decode(torch.tensor([[1], [2]]), 20)
+    b = build_runner(recipe_upto("graph_mode"), tiny_ckpt, max_len=64)
+    assert greedy_generate(b, PROMPT, 12).token_ids == hf_tokens
+    skipped.clear()
+    assert greedy_generate(a, PROMPT, 12).token_ids == hf_tokens   # two graphs now: guards choose
+    assert skipped == []

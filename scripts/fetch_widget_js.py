@@ -7,7 +7,8 @@ needs two scripts to turn that state into live controls: RequireJS and the widge
 (`@jupyter-widgets/html-manager`'s `embed-amd.js`, which bundles the standard controls). myst-nb
 would load both from public CDNs at view time; here they come, pinned and checksummed, from the
 npm registry at build time, so the built book renders its widgets offline too (`_config.yml`
-points `nb_ipywidgets_js` at the local copies). The files are not committed (.gitignore).
+loads the local copies once per page through `html_js_files` and turns myst-nb's own loading
+off). The files are not committed (.gitignore).
 """
 from __future__ import annotations
 

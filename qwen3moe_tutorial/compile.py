@@ -154,12 +154,13 @@ class GraphRunner(ModelRunner):
         if self.compiled is None:
             t0 = platform.now_ms(self.device_kind)
             self.compiled = self.compile()
-            with torch._dynamo.config.patch(specialize_float=True):   # float attributes (eps) become constants
+            with torch._dynamo.config.patch(specialize_float=True), torch.no_grad():   # eps become constants
                 logits = self.compiled(ids, input_pos, pos + 1)        # the first call traces and compiles
             self.compile_s = (platform.now_ms(self.device_kind) - t0) / 1e3
             self.after_first_call()
             return logits
-        return self.compiled(ids, input_pos, pos + 1)
+        with torch.no_grad():                  # the caller's no_grad: model.decode itself is undecorated
+            return self.compiled(ids, input_pos, pos + 1)
 
     def compile(self):
         fresh_compile_state(private_inductor_cache())
@@ -290,8 +291,28 @@ class CachedGraphRunner(GraphRunner):
             shutil.rmtree(self.cache_dir, ignore_errors=True)
             return False
 
+    def _torchair_loaded(self) -> bool:
+        """After the first call on an NPU: did torchair load a cached graph (True) or compile and
+        record one (its ModelCacheSaver)? Only torchair knows: it silently recompiles a cache it
+        cannot read, so our manifest alone cannot tell."""
+        inner = getattr(self.compiled, "_compiled_model", None)
+        return inner is not None and type(inner).__name__ != "ModelCacheSaver"
+
+    def _torchair_saved(self) -> list[str]:
+        """The compiled-module files torchair wrote under this cache directory."""
+        root = os.path.join(self.cache_dir, "torchair")
+        return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f == "compiled_module"]
+
     def after_first_call(self) -> None:
+        if self.device_kind == "npu":
+            self.cache_hit = self._torchair_loaded()
         if self.cache_hit:
+            return
+        if self.device_kind == "npu" and not self._torchair_saved():
+            warnings.warn(f"torchair saved no compiled module under {self.cache_dir} (it saves one only when "
+                          f"dynamo recorded the compiled method's own code, and drops it after a recompile); "
+                          f"the next run will compile again", stacklevel=2)
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
             return
         if _compiles_in_process > 1:      # kernels already in memory were not written out: incomplete
             warnings.warn(f"not storing {self.cache_dir}: this process compiled before, so the cache could be "

@@ -207,18 +207,20 @@ def _reject_unsupported(d: dict) -> None:
 # ---- presets -----------------------------------------------------------------------------------
 PRESETS: dict[str, ModelConfig] = {
     # Tests and the embedded default: divisible by TP 1/2/4/8, fewer KV heads than TP 4/8
-    # (KV replication) and N*D = 256 != H = 128.
+    # (KV replication), N*D = 512 != H = 128, and shapes the NPU kernels accept (head_dim 64: the
+    # RoPE kernel takes 64 or 128), so the default runs on an A3 as it is.
     "tiny": ModelConfig(vocab_size=1024, hidden_size=128, num_hidden_layers=4, num_attention_heads=8,
-                        num_key_value_heads=2, head_dim=32, num_experts=16, num_experts_per_tok=4,
+                        num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4,
                         moe_intermediate_size=64, max_position_embeddings=1024, name="tiny"),
     # CPU benchmarks: 128 experts, top-8, like the released models; a decode step is real work.
     "mini": ModelConfig(vocab_size=4096, hidden_size=512, num_hidden_layers=8, num_attention_heads=16,
                         num_key_value_heads=4, head_dim=64, num_experts=128, num_experts_per_tok=8,
                         moe_intermediate_size=256, max_position_embeddings=2048, name="mini"),
-    # Overhead-bound CPU benchmark: Qwen3-30B-A3B's 48 layers, 128 experts and top-8, tiny matrices;
-    # as on an NPU at batch 1, per-operator dispatch dominates a decode step.
+    # Overhead-bound CPU benchmark: Qwen3-30B-A3B's 48 layers, 128 experts and top-8, small matrices
+    # (head_dim 64, the smallest the NPU's RoPE kernel takes); as on an NPU at batch 1, per-operator
+    # dispatch dominates a decode step.
     "deep": ModelConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=48, num_attention_heads=8,
-                        num_key_value_heads=4, head_dim=32, num_experts=128, num_experts_per_tok=8,
+                        num_key_value_heads=4, head_dim=64, num_experts=128, num_experts_per_tok=8,
                         moe_intermediate_size=64, max_position_embeddings=2048, name="deep"),
     # The released models (config.json values; design.md section 9).
     "qwen3-30b-a3b": ModelConfig(vocab_size=151936, hidden_size=2048, num_hidden_layers=48,

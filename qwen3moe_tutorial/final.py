@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--upto", choices=STEP_NAMES, default=STEP_NAMES[-1],
                    help="last step of the ladder to enable (default: all, %(default)s)")
     p.add_argument("--device", choices=("auto", *platform.DEVICE_KINDS), default="auto")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="weights and activations (default: bfloat16 on an NPU or GPU, float32 on a CPU)")
     p.add_argument("--json", metavar="FILE", help="write the result record to FILE")
     p.add_argument("--profile", metavar="DIR", help="write a profiler trace per rank to DIR")
     p.add_argument("--compile-cache", metavar="DIR", help="compiled-graph cache directory (graph steps)")
@@ -107,10 +108,38 @@ def git_commit() -> str | None:
     return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
 
 
+def default_dtype(device_kind: str) -> str:
+    """bfloat16 on an accelerator (the recipe's dtype; 235B in float32 does not fit a die even at
+    TP 16), float32 on a CPU (the reference for the token-equality proofs)."""
+    return "float32" if device_kind == "cpu" else "bfloat16"
+
+
+def resolve_device(requested: str, recipe) -> str:
+    """The device kind, with the launcher's environment in place before torch_npu starts: the
+    recipe's HCCL / task-queue / allocator settings are read when the NPU runtime initialises, so on
+    a machine with torch_npu they are set before it is imported, and taken back if no NPU is used."""
+    added = {}
+    if requested in ("auto", "npu") and platform.torch_npu_installed():
+        added = platform.apply_env(launcher_env(recipe, "npu"))
+    try:
+        device_kind, problem = platform.detect_device(requested), None
+    except RuntimeError as e:                        # e.g. --device npu without an NPU
+        device_kind, problem = None, e
+    if device_kind != "npu":
+        for k in added:
+            os.environ.pop(k, None)
+    if problem is not None:
+        raise UsageError(str(problem))
+    platform.apply_env(launcher_env(recipe, device_kind))   # before any process group exists (aiv step)
+    return device_kind
+
+
 def run(args: argparse.Namespace) -> dict | None:
     """Everything after argument parsing; returns the result record (None on torchrun ranks > 0)."""
     model_path = args.model_path or default_checkpoint()
-    device_kind = platform.detect_device(args.device)
+    recipe = recipe_upto(args.upto)
+    device_kind = resolve_device(args.device, recipe)
+    args.dtype = args.dtype or default_dtype(device_kind)
     cfg = ModelConfig.from_pretrained(model_path)                      # fails first, and clearly
     Checkpoint(model_path, cfg).validate()        # headers and shapes of every shard, before any rank starts
     prompt_ids, tokenizer = encode_prompt(args, model_path)
@@ -122,10 +151,8 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.max_seq_len > cfg.max_position_embeddings:
         raise UsageError(f"--max-seq-len {args.max_seq_len} exceeds the model's max_position_embeddings "
                          f"({cfg.max_position_embeddings})")
-    recipe = recipe_upto(args.upto)
     args.tp = args.tp or default_tp(recipe, cfg, device_kind)
     check_parallel(recipe, cfg, args.tp)
-    os.environ.update(launcher_env(recipe))          # before any process group exists (aiv step)
     job = {"model_path": model_path, "upto": args.upto, "dtype": DTYPES[args.dtype], "device_kind": device_kind,
            "max_len": args.max_seq_len, "prompt_ids": prompt_ids, "max_new_tokens": args.max_new_tokens,
            "eos_token_id": None if args.ignore_eos else getattr(tokenizer, "eos_token_id", None),
@@ -150,7 +177,7 @@ def run(args: argparse.Namespace) -> dict | None:
         "max_new_tokens": args.max_new_tokens, "max_seq_len": args.max_seq_len,
         "env": platform.relevant_env(), "versions": platform.versions(), "commit": git_commit(),
         "host": {"hostname": _platform.node(), "machine": _platform.machine(), "cpus": os.cpu_count(),
-                 "torch_threads": torch.get_num_threads()},
+                 "torch_threads": torch.get_num_threads(), "rank0_cpu_affinity": gen.get("cpu_affinity")},
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

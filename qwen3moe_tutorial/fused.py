@@ -4,7 +4,7 @@
   `qwen3moe_tutorial.ops`, with torch_npu's signatures: the NPU kernels on an A3, the pure-PyTorch
   references elsewhere. The calls are the A3 recipe's (npu-ops.md sections 2-10).
 - Weights change layout once, at load time: experts become [E, in, out] for grouped matmul
-  (`grouped_matmul_weight`: NZ on the NPU, a transposed view on other devices).
+  (`grouped_matmul_weight`), cast to FRACTAL_NZ once they are on an NPU (`Qwen3MoeModel.to_device`).
 - Not here: graph capture (compile.py) and anything that changes numerics beyond op rounding.
 """
 from __future__ import annotations
@@ -21,25 +21,22 @@ from .parallel import all_reduce
 from .tp import AttentionMergedQKV, MoETPW13
 from .weights import Checkpoint
 
-ACL_FORMAT_FRACTAL_NZ = 29      # the NPU's internal matmul layout (a no-op off the NPU)
-
-
 # ---- fused_routing_gmm ---------------------------------------------------------------------------
 def grouped_matmul_weight(w: torch.Tensor) -> torch.Tensor:
     """Experts [E, out, in] (checkpoint orientation) -> the [E, in, out] that grouped matmul takes.
 
-    On an NPU machine: a contiguous copy cast to FRACTAL_NZ, as the recipe does. Elsewhere: a
-    transposed view of the same memory, so each expert's matrix-vector product (one row per expert
-    at decode) reads its weights contiguously along `in`, the order a CPU reduction streams fastest.
-    Either way the logical shape, the values and the op call are the same.
+    At load time this is a transposed view of the same memory: on a CPU each expert's matrix-vector
+    product (one row per expert at decode) then reads its weights contiguously along `in`, the order
+    a CPU reduction streams fastest. On an NPU, `Qwen3MoeModel.to_device` makes the recipe's
+    contiguous [E, in, out] copy on the device and casts it to FRACTAL_NZ (`nz_weights`). Either way
+    the logical shape, the values and the op call are the same.
     """
-    if ops.current_provider() == "npu":
-        return ops.npu_format_cast(w.transpose(1, 2).contiguous(), ACL_FORMAT_FRACTAL_NZ)
     return w.transpose(1, 2)
 
 
 class FusedRoutingGMM(MoETPW13):
     """Router, routing, all experts in two grouped matmuls, and the weighted scatter back: no loop."""
+    nz_weights = ("w13", "w2")                 # FRACTAL_NZ on an NPU, in any dtype (the recipe's GMM weights)
 
     def load(self, ckpt: Checkpoint, prefix: str, dtype: torch.dtype):
         super().load(ckpt, prefix, dtype)
@@ -136,13 +133,19 @@ class FusedAttention(AttentionMergedQKV):
     """In-place RoPE op, scatter_update_ cache writes and fused infer attention (FIA): the prompt
     kernel over the fresh K/V in prefill, the incremental kernel over the cache in decode."""
 
+    def project_qkv(self, x: torch.Tensor):
+        """The merged projection; q and k made contiguous before their norms, as the recipe does
+        (`npu_rms_norm` on a strided slice of the qkv output is not what the kernel is fed there)."""
+        q, k, v = super().project_qkv(x)
+        return q.contiguous(), k.contiguous(), v
+
     def rotate_and_cache(self, q, k, v, rope, input_pos, k_cache, v_cache):
         B, S = q.shape[:2]
         cos, sin = (t[None, :, None, :].expand(B, S, 1, self.D) for t in rope)   # [B, S, 1, D]
         q, k = ops.npu_apply_rotary_pos_emb(q, k, cos, sin, layout="BSND")      # in place
         start = input_pos[:1].expand(B)                                          # [B] write offsets
-        ops.scatter_update_(k_cache.view(B, k_cache.shape[1], -1), start, k.reshape(B, S, -1), -2)
-        ops.scatter_update_(v_cache.view(B, v_cache.shape[1], -1), start, v.reshape(B, S, -1), -2)
+        ops.scatter_update_(k_cache, start, k.reshape(B, S, -1), -2)            # cache [B, S_max, Nkv_r*D]
+        ops.scatter_update_(v_cache, start, v.reshape(B, S, -1), -2)            # written in place
         return q, k
 
     def attend(self, q, k, v, k_cache, v_cache, input_pos, kv_len):
@@ -155,6 +158,5 @@ class FusedAttention(AttentionMergedQKV):
                 atten_mask=causal_mask_2048(q.device), sparse_mode=2, next_tokens=0, **heads)
         else:       # decode: the incremental kernel over the static cache, kv_len valid positions
             out, _ = ops.npu_fused_infer_attention_score(
-                q.reshape(B, 1, -1), k_cache.view(B, k_cache.shape[1], -1), v_cache.view(B, v_cache.shape[1], -1),
-                actual_seq_lengths_kv=[kv_len] * B, **heads)
+                q.reshape(B, 1, -1), k_cache, v_cache, actual_seq_lengths_kv=[kv_len] * B, **heads)
         return out.view(B, S, self.n_heads, self.D)                            # [B, S, N_r, D]

@@ -86,4 +86,5 @@ class ModelRunner:
         if pos >= self.model.max_len:
             raise ValueError(f"position {pos} is past the KV cache ({self.model.max_len} positions); "
                              f"use a shorter prompt or fewer new tokens")
-        return self.model.decode(ids, torch.tensor([pos], device=ids.device), pos + 1)
+        with torch.no_grad():                  # the runner, not model.decode, owns no_grad (as in the recipe)
+            return self.model.decode(ids, torch.tensor([pos], device=ids.device), pos + 1)

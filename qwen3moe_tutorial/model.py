@@ -20,6 +20,8 @@ from .config import ModelConfig
 from .parallel import TP
 from .weights import Checkpoint
 
+ACL_FORMAT_FRACTAL_NZ = 29      # the NPU's internal matmul-weight layout (npu_format_cast's acl_format)
+
 
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, computed in fp32 and cast back before the weight (as HF does)."""
@@ -61,7 +63,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class KVCache:
-    """Per-layer key and value buffers [B, S_max, Nkv_r, D], allocated once before prefill."""
+    """Per-layer key and value buffers [B, S_max, Nkv_r*D] (the recipe's 3-D layout, heads side by
+    side), allocated once before prefill and written in place."""
     k: list[torch.Tensor] = field(default_factory=list)
     v: list[torch.Tensor] = field(default_factory=list)
 
@@ -83,6 +86,8 @@ class Embedding(nn.Module):
 
 
 class LMHead(nn.Module):
+    nz_weights = ("weight",)                   # cast to FRACTAL_NZ on an NPU (Qwen3MoeModel.to_device)
+
     def __init__(self, cfg: ModelConfig, tp: TP):
         super().__init__()
         self.cfg, self.tp = cfg, tp
@@ -98,6 +103,7 @@ class LMHead(nn.Module):
 
 class Attention(nn.Module):
     """Grouped-query attention with per-head q/k RMSNorm before RoPE, over the static cache."""
+    nz_weights = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     def __init__(self, cfg: ModelConfig, tp: TP, norm: type = RMSNorm):
         super().__init__()
@@ -135,15 +141,16 @@ class Attention(nn.Module):
         cos, sin = (t[:, None, :] for t in rope)                               # [S, 1, D]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        k_cache[:, input_pos] = k
-        v_cache[:, input_pos] = v
+        k_cache[:, input_pos] = k.flatten(2)                                   # [B, S, Nkv*D] rows
+        v_cache[:, input_pos] = v.flatten(2)
         return q, k
 
     def attend(self, q, k, v, k_cache, v_cache, input_pos, kv_len):
         """softmax(q k^T / sqrt(D) + causal mask) v over the whole cache; unwritten slots are masked."""
         group = self.n_heads // self.n_kv
-        k = k_cache.repeat_interleave(group, dim=2).transpose(1, 2)            # [B, N, S_max, D]
-        v = v_cache.repeat_interleave(group, dim=2).transpose(1, 2)            # [B, N, S_max, D]
+        B, S_max = k_cache.shape[:2]
+        k = k_cache.view(B, S_max, self.n_kv, self.D).repeat_interleave(group, dim=2).transpose(1, 2)  # [B, N, S_max, D]
+        v = v_cache.view(B, S_max, self.n_kv, self.D).repeat_interleave(group, dim=2).transpose(1, 2)  # [B, N, S_max, D]
         scores = q.transpose(1, 2) @ k.transpose(2, 3) * self.D ** -0.5        # [B, N, S, S_max]
         visible = torch.arange(k.shape[2], device=q.device)[None, :] <= input_pos[:, None]  # [S, S_max]
         scores = scores.masked_fill(~visible, float("-inf"))
@@ -241,10 +248,10 @@ class Qwen3MoeModel(nn.Module):
         return self
 
     def allocate_cache(self, batch: int = 1) -> KVCache:
-        """Zeroed per-layer K/V buffers for `max_len` positions, with this rank's KV heads."""
+        """Zeroed per-layer K/V buffers [B, max_len, Nkv_r*D] with this rank's KV heads."""
         n_kv = self.layers[0].attn.n_kv
         dev = self.norm.weight.device
-        shape = (batch, self.max_len, n_kv, self.cfg.head_dim)
+        shape = (batch, self.max_len, n_kv * self.cfg.head_dim)
         self.cache = KVCache([torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers],
                              [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers])
         return self.cache
@@ -275,10 +282,36 @@ class Qwen3MoeModel(nn.Module):
                 t.zero_()
         return self(ids, torch.arange(S, device=ids.device), S)
 
-    @torch.no_grad()
     def decode(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """One new token per sequence, ids [B, 1], at position input_pos [1] (= kv_len - 1)."""
+        """One new token per sequence, ids [B, 1], at position input_pos [1] (= kv_len - 1).
+
+        Deliberately undecorated: this is the method graph mode compiles, and torchair's compile
+        cache saves a graph only when the code dynamo recorded is this method's own `__code__` (a
+        `@torch.no_grad()` wrapper would hide it). The caller enters no_grad, as the recipe's runner does."""
         return self(ids, input_pos, kv_len)
+
+    def to_device(self, device) -> "Qwen3MoeModel":
+        """Move the loaded model to `device`; on an NPU, then cast each part's matmul weights to
+        FRACTAL_NZ, the cube unit's tiled layout, as the recipe does after its `to_device()`.
+
+        The cast must come after the move: `npu_format_cast` of a CPU tensor is a no-op. Which weights
+        are cast is declared by each part (`nz_weights`); the router, norms and embedding stay ND, and
+        float32 linear weights stay ND as in the recipe's linear layers (grouped-matmul experts are
+        cast in any dtype). Off the NPU the layout is the checkpoint's; values never change."""
+        self.to(device)
+        if torch.device(device).type != "npu":
+            return self
+        from . import ops
+
+        torch.npu.config.allow_internal_format = True          # as the recipe's model runner sets it
+        for module in self.modules():
+            for name in getattr(module, "nz_weights", ()):
+                w = getattr(module, name)
+                if w.dim() == 2 and w.dtype == torch.float32:
+                    continue
+                setattr(module, name, nn.Parameter(ops.npu_format_cast(w.data.contiguous(), ACL_FORMAT_FRACTAL_NZ),
+                                                   requires_grad=False))
+        return self
 
 
 @dataclass(frozen=True)

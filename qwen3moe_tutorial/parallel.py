@@ -24,7 +24,15 @@ import torch.distributed as dist
 
 from . import platform
 
-COLLECTIVE_TIMEOUT_S = int(os.environ.get("QWEN3MOE_COLLECTIVE_TIMEOUT", "300"))
+# How long a collective may wait for the slowest rank. On an NPU ranks load tens of GB each before
+# their first collective after the warm-up, so the process-group timeout is longer there.
+COLLECTIVE_TIMEOUT_S = {"npu": 3600, "cuda": 600, "cpu": 300}
+TIMEOUT_ENV = "QWEN3MOE_COLLECTIVE_TIMEOUT"
+
+
+def collective_timeout_s(device_kind: str) -> int:
+    """The process-group timeout for this device kind; $QWEN3MOE_COLLECTIVE_TIMEOUT wins."""
+    return int(os.environ.get(TIMEOUT_ENV) or COLLECTIVE_TIMEOUT_S[device_kind])
 
 
 @dataclass(frozen=True)
@@ -73,21 +81,26 @@ def launched_by_torchrun() -> bool:
 
 
 def init_distributed(device_kind: str, store=None, rank: int | None = None, world_size: int | None = None) -> TP:
-    """Join the process group (HCCL / NCCL / gloo by device) and pin this rank's device."""
+    """Join the process group (HCCL / NCCL / gloo by device), pin this rank's device (and on an NPU its
+    CPUs, as the recipe's launcher does), and run one small all-reduce so the links exist before any
+    rank spends minutes loading its shard: a rank that cannot connect fails here, not at layer 0."""
     rank = int(os.environ["RANK"]) if rank is None else rank
     world_size = int(os.environ["WORLD_SIZE"]) if world_size is None else world_size
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if device_kind == "npu":
         torch.npu.set_device(local_rank)
+        platform.pin_rank_cpus(local_rank, local_world)
     elif device_kind == "cuda":
         torch.cuda.set_device(local_rank)
     else:   # share the cores: N ranks on a few CPUs must not oversubscribe them
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     kwargs = {"store": store, "rank": rank, "world_size": world_size} if store is not None else {}
     dist.init_process_group(platform.dist_backend(device_kind),
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S), **kwargs)
-    return TP(rank=dist.get_rank(), size=dist.get_world_size())
+                            timeout=datetime.timedelta(seconds=collective_timeout_s(device_kind)), **kwargs)
+    tp = TP(rank=dist.get_rank(), size=dist.get_world_size())
+    all_reduce(torch.ones(1, device=platform.torch_device(device_kind, local_rank)), tp)   # links up now
+    return tp
 
 
 # ---- running a function on N ranks -----------------------------------------------------------

@@ -28,6 +28,11 @@ def torch_npu_module():
     return torch_npu
 
 
+def torch_npu_installed() -> bool:
+    """True when a torch_npu package is installed (found without importing it)."""
+    return importlib.util.find_spec("torch_npu") is not None
+
+
 def npu_available() -> bool:
     """True when torch_npu imports and at least one Ascend device is visible."""
     mod = torch_npu_module()
@@ -105,6 +110,41 @@ def _cann_version() -> str | None:
                     if "version" in line.lower() and "=" in line:
                         return line.split("=", 1)[1].strip()
     return None
+
+
+# What the recipe's launcher sets on an A3 node (npu-ops.md section 12 is the team's note; the
+# recipe's executor/scripts/function.sh and model_setting.py are the source): HCCL builds its links
+# at the first collective with a 120 s default timeout, shorter than ranks may drift apart while each
+# loads tens of GB; TASK_QUEUE_ENABLE=2 is the recipe's task queue for GE graph mode; the expandable
+# allocator avoids fragmentation across the KV cache and weights. The user's own settings win.
+NPU_LAUNCH_ENV = {
+    "HCCL_CONNECT_TIMEOUT": "1200",
+    "HCCL_EXEC_TIMEOUT": "1200",
+    "TASK_QUEUE_ENABLE": "2",
+    "PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True",
+}
+
+
+def apply_env(env: dict) -> dict:
+    """Set each variable that is not already set (the user's value wins); return what was added."""
+    added = {k: v for k, v in env.items() if k not in os.environ}
+    os.environ.update(added)
+    return added
+
+
+def pin_rank_cpus(local_rank: int, local_world: int) -> list[int] | None:
+    """Pin this process to its own block of the CPUs it may use, as the recipe's launcher does with
+    `taskset` (cores / ranks per node, contiguous). Returns the CPUs, or None where it cannot pin
+    (fewer CPUs than ranks, or no sched_setaffinity)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))        # a user's own taskset narrows this set first
+    per_rank = len(allowed) // max(local_world, 1)
+    if per_rank < 1:
+        return None
+    mine = allowed[local_rank * per_rank:(local_rank + 1) * per_rank]
+    os.sched_setaffinity(0, mine)
+    return mine
 
 
 ENV_PREFIXES = ("HCCL_", "TASK_QUEUE", "PYTORCH_NPU", "ASCEND_", "OMP_NUM_THREADS", "MKL_NUM_THREADS",

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 from collections import Counter
 
 import torch
@@ -45,14 +46,26 @@ def _dispatched(events) -> list:
 
 
 @contextlib.contextmanager
-def quiet_native_stderr():
-    """Silence the profiler's native start/stop log lines (written to fd 2, not Python's stderr)."""
+def quiet_native_stderr(enabled: bool = True):
+    """Hold back the profiler's native start/stop log lines (written to fd 2, not Python's stderr).
+
+    What was written is kept, and written out after all if the block fails, so a compiler's or
+    runtime's own error text is never lost. `enabled=False` passes everything through (on an NPU:
+    CANN reports graph-compilation errors on fd 2, and they must reach the user as they happen)."""
+    if not enabled:
+        yield
+        return
     sys.stderr.flush()
     saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
         try:
             yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
         finally:
             os.dup2(saved, 2)
             os.close(saved)

@@ -166,15 +166,20 @@ def build_runner(recipe: Recipe, model_path: str, *, dtype: torch.dtype = torch.
         ckpt.validate()                            # the same clear errors as our loader
         return HFRunner(load_hf_model(model_path, dtype=dtype, device=device))
     model = recipe.parts.build(ckpt.config, tp_ctx, max_len=max_len, dtype=dtype).load(ckpt)
-    runner = recipe.runner(model.to(device), device_kind=torch.device(device).type, steps=recipe.steps,
+    runner = recipe.runner(model.to_device(device), device_kind=torch.device(device).type, steps=recipe.steps,
                            compile_cache=compile_cache)
     runner.bytes_read = ckpt.bytes_read
     return runner
 
 
-def launcher_env(recipe: Recipe) -> dict:
-    """Environment variables the recipe asks the launcher to set; the user's own settings win."""
-    return {k: os.environ.get(k, v) for k, v in recipe.env}
+def launcher_env(recipe: Recipe, device_kind: str = "cpu") -> dict:
+    """Environment variables the launcher sets for this recipe on this device; the user's own
+    settings win. On an NPU: the recipe's HCCL, task-queue and allocator settings
+    (`platform.NPU_LAUNCH_ENV`), then the steps' own (the aiv step's HCCL_OP_EXPANSION_MODE)."""
+    from . import platform
+
+    wanted = {**(platform.NPU_LAUNCH_ENV if device_kind == "npu" else {}), **dict(recipe.env)}
+    return {k: os.environ.get(k, v) for k, v in wanted.items()}
 
 
 def generate_on_rank(tp_ctx: TP, job: dict) -> dict:
@@ -207,8 +212,9 @@ def generate_on_rank(tp_ctx: TP, job: dict) -> dict:
     if tp_ctx.size > 1:
         bytes_read = [None] * tp_ctx.size
         dist.all_gather_object(bytes_read, getattr(runner, "bytes_read", None))
+    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {**gen.to_dict(), "bytes_read_per_rank": bytes_read,
-            "compile_cache_hit": getattr(runner, "cache_hit", None), "profile": summary}
+            "compile_cache_hit": getattr(runner, "cache_hit", None), "profile": summary, "cpu_affinity": affinity}
 
 
 def profiled_generation(generate, job: dict, out_dir: str):
@@ -220,7 +226,9 @@ def profiled_generation(generate, job: dict, out_dir: str):
     n = job["max_new_tokens"]
     skip = min(2, n - 1)
     active = max(1, min(10, n - skip))
-    with quiet_native_stderr(), ops.annotate_ops(), generation_profiler(out_dir, job["device_kind"], active, skip) as prof:
+    quiet = job["device_kind"] != "npu"      # on an NPU, CANN's compile-time messages must reach the user
+    with quiet_native_stderr(quiet), ops.annotate_ops(), generation_profiler(out_dir, job["device_kind"], active,
+                                                                             skip) as prof:
         gen = generate(on_token=lambda _: prof.step())
     try:
         summary = summarize(prof, active, out_dir)

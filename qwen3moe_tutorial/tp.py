@@ -93,6 +93,7 @@ class VocabParallelLMHead(LMHead):
 
 class AttentionMergedQKV(AttentionTP):
     """One matmul for q, k and v: wqkv_r = [q_r | k_r | v_r], built after slicing each part."""
+    nz_weights = ("qkv_proj", "o_proj")
 
     def load(self, ckpt: Checkpoint, prefix: str, dtype: torch.dtype):
         super().load(ckpt, prefix, dtype)

@@ -24,7 +24,7 @@ from .config import ConfigError, ModelConfig, preset
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")   # Qwen's, after the BPE vocabulary
 DEFAULT_PRESET, DEFAULT_SEED = "tiny", 0
-CHECKPOINT_FORMAT = 1            # bump when make_tiny_checkpoint changes what it writes
+CHECKPOINT_FORMAT = 2            # bump when make_tiny_checkpoint or a preset changes what it writes (2: head_dim 64)
 PROGRESS_BYTES = 256 << 20       # show a progress bar for loads above this
 
 

@@ -14,6 +14,7 @@ result file names the commit, machine, versions, threads and environment. The su
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     # files: <preset>-tp<N>[-t<threads> when --threads is given]-<step>.json
     prefix = f"{args.preset}-tp{args.tp}" + (f"-t{args.threads}" if args.threads is not None else "")
-    meta = {"preset": args.preset, "tp": args.tp, "files_prefix": prefix, **provenance(args)}
+    meta = {"preset": args.preset, "tp": args.tp, "files_prefix": prefix, "config": dataclasses.asdict(cfg),
+            **provenance(args)}
     max_len = len(prompt_ids) + args.tokens + 8
 
     probes = [roofline.measure_read_bandwidth(repeats=10)]    # again after every step: the best counts

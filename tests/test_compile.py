@@ -33,6 +33,24 @@ def test_graph_mode_single_graph_same_tokens(tiny_ckpt, hf_tokens):
     assert sum(torch._dynamo.utils.counters["stats"].get(k, 0) for k in ("unique_graphs",)) == 1
     again = greedy_generate(runner, PROMPT, 12)                               # no recompile on reuse
     assert again.token_ids == hf_tokens and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    # torchair's cache watcher saves a graph only if dynamo recorded the compiled method's own code:
+    # no decorator (such as @torch.no_grad()) may wrap the decode method graph mode compiles
+    recorded = set(torch._dynamo.utils.orig_code_map.values.values())
+    decode = type(runner.model).decode
+    assert decode.__code__ in recorded and not hasattr(decode, "__wrapped__")
+
+
+def test_decorated_decode_would_hide_its_code_from_torchairs_watcher(tiny_ckpt):
+    """The failure the test above guards against: compiled through torch.no_grad()'s wrapper, the
+    code dynamo records is not the method's own, so torchair would save nothing."""
+    runner = build_runner(recipe_upto("fused_attention"), tiny_ckpt, max_len=64)
+    runner.prefill(torch.tensor([PROMPT]))
+    plain = type(runner.model).decode
+    wrapped = torch.no_grad()(plain).__get__(runner.model)
+    torch._dynamo.reset()
+    torch.compile(wrapped, backend="eager", dynamic=True, fullgraph=True)(
+        torch.tensor([[1]]), torch.tensor([len(PROMPT)]), len(PROMPT) + 1)
+    assert wrapped.__code__ not in set(torch._dynamo.utils.orig_code_map.values.values())
 
 
 def test_graph_mode_with_collectives_in_the_graph(tiny_ckpt, hf_tokens):
@@ -113,11 +131,17 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path, tiny_ckpt, hf_tokens)
 
 
 def test_aiv_sets_the_launcher_environment(monkeypatch):
-    monkeypatch.delenv("HCCL_OP_EXPANSION_MODE", raising=False)
+    for name in ("HCCL_OP_EXPANSION_MODE", *compile_py.platform.NPU_LAUNCH_ENV):
+        monkeypatch.delenv(name, raising=False)
     assert launcher_env(recipe_upto("aiv")) == {"HCCL_OP_EXPANSION_MODE": "AIV"}
     assert launcher_env(recipe_upto("compile_cache")) == {}
+    on_npu = launcher_env(recipe_upto("aiv"), "npu")                          # the recipe's launcher settings
+    assert on_npu == {"HCCL_CONNECT_TIMEOUT": "1200", "HCCL_EXEC_TIMEOUT": "1200", "TASK_QUEUE_ENABLE": "2",
+                      "PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True", "HCCL_OP_EXPANSION_MODE": "AIV"}
     monkeypatch.setenv("HCCL_OP_EXPANSION_MODE", "AI_CPU")                   # the user's choice wins
+    monkeypatch.setenv("HCCL_CONNECT_TIMEOUT", "1800")
     assert launcher_env(recipe_upto("aiv")) == {"HCCL_OP_EXPANSION_MODE": "AI_CPU"}
+    assert launcher_env(recipe_upto("aiv"), "npu")["HCCL_CONNECT_TIMEOUT"] == "1800"
 
 
 def test_allreduce_benchmark_runs_on_gloo():

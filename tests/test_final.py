@@ -145,3 +145,24 @@ def test_ctrl_c_leaves_no_worker_processes(target):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_dtype_defaults_to_the_device(capsys, monkeypatch):
+    assert final.default_dtype("cpu") == "float32"
+    assert final.default_dtype("npu") == final.default_dtype("cuda") == "bfloat16"
+    monkeypatch.setattr(final.platform, "npu_available", lambda: False)
+    one_line_error(capsys, ["--device", "npu"], "--device npu was requested")      # not a traceback
+
+
+def test_npu_launch_env_is_not_left_behind_without_an_npu(monkeypatch):
+    """On a machine with torch_npu the launcher's NPU settings go in before torch_npu starts; when no
+    NPU turns up they are taken back, so a CPU run's result does not claim them."""
+    for name in final.platform.NPU_LAUNCH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(final.platform, "torch_npu_installed", lambda: True)
+    seen = {}
+    monkeypatch.setattr(final.platform, "detect_device",
+                        lambda requested: seen.update(os.environ) or "cpu")
+    assert final.resolve_device("auto", final.recipe_upto("aiv")) == "cpu"
+    assert seen["HCCL_CONNECT_TIMEOUT"] == "1200" and seen["TASK_QUEUE_ENABLE"] == "2"   # set before detection
+    assert not set(final.platform.NPU_LAUNCH_ENV) & set(os.environ)

@@ -57,12 +57,17 @@ def test_bfloat16_within_tolerance_of_hf_bfloat16(tiny_ckpt):
     probabilities), so compare logits with a tolerance and tokens on the embedded default."""
     ours = build_runner(recipe_upto("fused_attention"), tiny_ckpt, dtype=torch.bfloat16, max_len=64)
     theirs = HFRunner(load_hf_model(tiny_ckpt, dtype=torch.bfloat16))
+    fp32 = HFRunner(load_hf_model(tiny_ckpt))                                  # the yardstick
     ids = torch.tensor([PROMPT])
-    a, b = ours.prefill(ids), theirs.prefill(ids)
-    assert (a - b).abs().max().item() <= 0.05 * b.abs().max().item()
+    a, b, c = ours.prefill(ids), theirs.prefill(ids), fp32.prefill(ids)
+    ours_err, hf_err = (a - c).abs().max().item(), (b - c).abs().max().item()
+    assert ours_err <= 0.1 * c.abs().max().item()                              # bf16 rounding, not bugs
+    assert ours_err <= 1.5 * hf_err + 0.01 * c.abs().max().item()              # no worse than HF's own bf16
     mine = greedy_generate(ours, PROMPT, 12).token_ids
-    ref = greedy_generate(theirs, PROMPT, 12).token_ids
-    assert sum(x == y for x, y in zip(mine, ref)) >= 10         # same tokens, up to a late near-tie
+    hf_bf16 = greedy_generate(theirs, PROMPT, 12).token_ids
+    ref = greedy_generate(fp32, PROMPT, 12).token_ids
+    agree = lambda t: next((i for i, (x, y) in enumerate(zip(t, ref)) if x != y), len(ref))
+    assert agree(mine) >= max(agree(hf_bf16), 8)                 # follows fp32 at least as long as HF's bf16
 
 
 def test_v1_and_v2_routing_give_the_same_moe_output(tiny_ckpt):
@@ -98,3 +103,38 @@ def test_operator_counts_fall_along_the_ladder(tiny_ckpt):
     assert counts["fused_routing_gmm"] <= counts["moe_tp_w13_swiglu"] - 4 * loop_visits   # the loop is gone
     assert counts["fused_rmsnorm"] < counts["fused_routing_gmm"]
     assert counts["fused_attention"] < counts["fused_rmsnorm"]
+
+
+def test_nz_weights_are_exactly_the_matmul_weights(tiny_ckpt):
+    """What Qwen3MoeModel.to_device casts to FRACTAL_NZ on an NPU, as the recipe does: the expert
+    weights as [E, in, out], the q/k/v/o projections and lm_head; never the router, norms or embedding."""
+    model = build_runner(recipe_upto("aiv"), tiny_ckpt, max_len=16).model
+    declared = {f"{name}.{w}" if name else w: getattr(m, w) for name, m in model.named_modules()
+                for w in getattr(m, "nz_weights", ())}
+    kinds = {key.split(".")[-1] if "lm_head" not in key else "lm_head" for key in declared}
+    assert kinds == {"qkv_proj", "o_proj", "w13", "w2", "lm_head"}
+    assert len(declared) == 4 * 4 + 1 and all(w.dim() >= 2 for w in declared.values())
+    cfg = model.cfg
+    moe = model.layers[0].moe
+    assert moe.w13.shape == (cfg.num_experts, cfg.hidden_size, 2 * cfg.moe_intermediate_size)   # [E, in, out]
+    never = {id(p) for name, p in model.named_parameters() if "router" in name or "norm" in name or "embed" in name}
+    assert not never & {id(w) for w in declared.values()}
+    assert model.to_device("cpu") is model and moe.w13.data_ptr() == declared["layers.0.moe.w13"].data_ptr()
+
+
+def test_quiet_stderr_holds_back_native_lines_but_never_an_error(capfd):
+    import os
+
+    from qwen3moe_tutorial.profile import quiet_native_stderr
+
+    with quiet_native_stderr():
+        os.write(2, b"profiler start line\n")
+    assert "profiler start line" not in capfd.readouterr().err
+    with pytest.raises(RuntimeError):
+        with quiet_native_stderr():
+            os.write(2, b"E: graph compilation failed in the compiler\n")
+            raise RuntimeError("compile failed")
+    assert "graph compilation failed" in capfd.readouterr().err        # replayed when the block fails
+    with quiet_native_stderr(enabled=False):                             # on an NPU: passed through
+        os.write(2, b"CANN says something\n")
+    assert "CANN says something" in capfd.readouterr().err

@@ -48,8 +48,9 @@ def test_bfloat16_close_to_hf_bfloat16(tiny_ckpt):
     a, b, c = model.prefill(ids), hf.prefill(ids), ref.prefill(ids)
     assert a.dtype == torch.float32 and model.embed.weight.dtype == torch.bfloat16
     scale = c.abs().max().item()
-    assert (a - b).abs().max().item() <= 0.05 * scale                       # bf16 rounding, not bugs
-    assert (a - c).abs().max().item() <= 0.1 * scale
+    ours_err, hf_err = (a - c).abs().max().item(), (b - c).abs().max().item()
+    assert ours_err <= 0.1 * scale                                          # bf16 rounding, not bugs
+    assert ours_err <= 1.5 * hf_err + 0.01 * scale                          # no farther from fp32 than HF's bf16
     assert a.argmax(-1).item() == b.argmax(-1).item() == c.argmax(-1).item()
 
 

@@ -73,7 +73,7 @@ def test_merged_qkv_layout_round_trip(tiny_ckpt):
     q, k, v = ref.project_qkv(x)                                  # [1, 3, N, D], [1, 3, Nkv, D] x 2
     for rank, model in enumerate(shards(tiny_ckpt, "merged_qkv", 4)):
         attn = model.layers[1].attn
-        assert attn.qkv_proj.shape == ((2 + 2 * 1) * 32, 128)     # N_r = 2, Nkv_r = 1 (replicated), D = 32
+        assert attn.qkv_proj.shape == ((2 + 2 * 1) * 64, 128)     # N_r = 2, Nkv_r = 1 (replicated), D = 64
         qr, kr, vr = attn.project_qkv(x)
         assert torch.allclose(qr, q[:, :, attn.plan["q_heads"]], atol=1e-6)
         assert torch.allclose(kr, k[:, :, attn.plan["kv_heads"]], atol=1e-6)
@@ -183,3 +183,16 @@ def test_torchrun_path(tmp_path, tiny_ckpt, hf_tokens):
     result = json.load(open(out))
     assert result["token_ids"] == hf_tokens[tiny_ckpt][:6] and result["launcher"] == "torchrun"
     assert result["world_size"] == 2 and len(result["bytes_read_per_rank"]) == 2
+
+
+def test_collective_timeout_and_cpu_pinning(monkeypatch):
+    monkeypatch.delenv(parallel.TIMEOUT_ENV, raising=False)
+    assert parallel.collective_timeout_s("npu") > parallel.collective_timeout_s("cpu") >= 300
+    monkeypatch.setenv(parallel.TIMEOUT_ENV, "42")
+    assert parallel.collective_timeout_s("npu") == 42
+    code = ("import os; from qwen3moe_tutorial.platform import pin_rank_cpus; "
+            "allowed = sorted(os.sched_getaffinity(0)); n = len(allowed); "
+            "mine = pin_rank_cpus(n - 1, n); assert mine == [allowed[-1]] == sorted(os.sched_getaffinity(0)), mine; "
+            "assert pin_rank_cpus(0, n + 1) is None; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

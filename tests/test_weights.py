@@ -21,7 +21,7 @@ def test_checkpoint_is_real_hf_format(tiny_ckpt, tiny_config):
     assert set(ckpt.keys()) == set(expected_shapes(tiny_config))
     ckpt.validate()
     config = json.load(open(os.path.join(tiny_ckpt, "config.json")))
-    assert config["model_type"] == "qwen3_moe" and config["num_experts"] == 16 and config["head_dim"] == 32
+    assert config["model_type"] == "qwen3_moe" and config["num_experts"] == 16 and config["head_dim"] == 64
 
 
 def test_tokenizer_loads_with_autotokenizer(tiny_ckpt):
@@ -49,7 +49,7 @@ def test_generated_checkpoint_is_cached(tmp_path, monkeypatch, capsys):
 
 def test_get_slice_reads_only_the_slice(tiny_ckpt):
     ckpt = Checkpoint(tiny_ckpt)
-    full = ckpt.get("model.layers.0.self_attn.q_proj.weight")                 # [256, 128] bf16
+    full = ckpt.get("model.layers.0.self_attn.q_proj.weight")                 # [512, 128] bf16
     before = ckpt.bytes_read
     rows = ckpt.get_slice("model.layers.0.self_attn.q_proj.weight", 0, 64, 128)
     cols = ckpt.get_slice("model.layers.0.self_attn.o_proj.weight", 1, 32, 64)
@@ -57,7 +57,7 @@ def test_get_slice_reads_only_the_slice(tiny_ckpt):
     assert cols.shape == (128, 32)
     assert ckpt.bytes_read - before == (64 * 128 + 128 * 32) * 2
     with pytest.raises(CheckpointError, match="outside"):
-        ckpt.get_slice("model.layers.0.self_attn.q_proj.weight", 0, 200, 300)
+        ckpt.get_slice("model.layers.0.self_attn.q_proj.weight", 0, 400, 600)
 
 
 def copy(src, dst):

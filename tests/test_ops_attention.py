@@ -17,8 +17,9 @@ def rand(*shape, dtype=torch.float32, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def sdpa_bnsd(q, k, v, causal=False, valid_kv=None, scale=None):
-    """Plain attention with repeat_interleave GQA (HF's repeat_kv): q [B, N, S, D], k/v [B, Nkv, S_kv, D]."""
+def sdpa_bnsd(q, k, v, causal=False, valid_kv=None, scale=None, masks=None):
+    """Plain attention with repeat_interleave GQA (HF's repeat_kv): q [B, N, S, D], k/v [B, Nkv, S_kv, D].
+    masks: optional bool [B, S_kv] (True = masked) applied to every query row of that batch."""
     G = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(G, dim=1).double(), v.repeat_interleave(G, dim=1).double()
     scores = q.double() @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
@@ -28,6 +29,9 @@ def sdpa_bnsd(q, k, v, causal=False, valid_kv=None, scale=None):
     if valid_kv is not None:
         for b, n in enumerate(valid_kv):
             scores[b, ..., n:] = float("-inf")
+    if masks is not None:
+        for b in range(scores.shape[0]):
+            scores[b, ..., masks[b]] = float("-inf")
     return torch.softmax(scores, -1) @ v
 
 
@@ -42,7 +46,7 @@ def to_bsh(t):                                    # [B, N, S, D] -> [B, S, N*D]
 @given(B=st.integers(1, 2), S=st.integers(1, 9), Nkv=st.sampled_from([1, 2]), G=st.sampled_from([1, 2, 4]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 999))
 def test_fia_prefill_bsh_causal_matches_sdpa(B, S, Nkv, G, dtype, seed):
-    N, D = Nkv * G, 8
+    N, D = Nkv * G, 16                                                   # the prompt kernel needs D % 16 == 0
     q, k, v = (rand(B, n, S, D, dtype=dtype, seed=seed + i) for i, n in enumerate((N, Nkv, Nkv)))
     out, lse = R.npu_fused_infer_attention_score(
         to_bsh(q), to_bsh(k), to_bsh(v), num_heads=N, num_key_value_heads=Nkv, input_layout="BSH",
@@ -53,7 +57,7 @@ def test_fia_prefill_bsh_causal_matches_sdpa(B, S, Nkv, G, dtype, seed):
 
 
 def test_fia_bsnd_bnsd_and_sparse_mode_0_full_mask():
-    B, S, N, Nkv, D = 2, 5, 4, 2, 8
+    B, S, N, Nkv, D = 2, 5, 4, 2, 16
     q, k, v = rand(B, N, S, D), rand(B, Nkv, S, D, seed=1), rand(B, Nkv, S, D, seed=2)
     want = sdpa_bnsd(q, k, v, causal=True)
     common = dict(num_heads=N, num_key_value_heads=Nkv, scale=D ** -0.5)
@@ -69,7 +73,7 @@ def test_fia_bsnd_bnsd_and_sparse_mode_0_full_mask():
 
 
 def test_fia_sparse_mode_3_aligns_causal_to_the_bottom_right():
-    q, kv = rand(1, 1, 2, 4), rand(1, 1, 5, 4, seed=1)
+    q, kv = rand(1, 1, 2, 16), rand(1, 1, 5, 16, seed=1)
     out, _ = R.npu_fused_infer_attention_score(q, kv, kv, input_layout="BNSD", atten_mask=CAUSAL_2048,
                                                sparse_mode=3, scale=0.5)
     mask = torch.tensor([[0, 0, 0, 0, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)   # query i sees keys <= i + 3
@@ -78,7 +82,7 @@ def test_fia_sparse_mode_3_aligns_causal_to_the_bottom_right():
 
 
 def test_fia_gqa_query_head_h_reads_kv_head_h_div_group():
-    B, S, N, Nkv, D = 1, 3, 8, 2, 4
+    B, S, N, Nkv, D = 1, 3, 8, 2, 16
     q, k = rand(B, N, S, D), rand(B, Nkv, S, D, seed=1)
     v = torch.arange(Nkv, dtype=torch.float32).view(1, Nkv, 1, 1).expand(B, Nkv, S, D)   # V = kv-head id
     out, _ = R.npu_fused_infer_attention_score(to_bsh(q), to_bsh(k), to_bsh(v.contiguous()), num_heads=N,
@@ -130,7 +134,7 @@ def test_fia_decode_never_reads_past_the_length():
 
 
 def test_fia_softmax_cast_to_input_dtype_before_v_and_lse():
-    q, k, v = (rand(1, 2, 3, 8, dtype=torch.bfloat16, seed=i) for i in range(3))
+    q, k, v = (rand(1, 2, 3, 16, dtype=torch.bfloat16, seed=i) for i in range(3))
     out, lse = R.npu_fused_infer_attention_score(q, k, v, num_heads=2, input_layout="BNSD", scale=0.3,
                                                  softmax_lse_flag=True)
     scores = q.float() @ k.float().transpose(-1, -2) * 0.3
@@ -141,7 +145,7 @@ def test_fia_softmax_cast_to_input_dtype_before_v_and_lse():
 
 
 def test_fia_errors_are_specific():
-    q, kv = rand(1, 4, 32), rand(1, 4, 16)
+    q, kv = rand(1, 4, 64), rand(1, 4, 32)                              # D = 16
     with pytest.raises(OpInputError, match="compressed causal mask"):
         R.npu_fused_infer_attention_score(q, kv, kv, num_heads=4, num_key_value_heads=2, sparse_mode=2)
     with pytest.raises(OpInputError, match="compressed causal mask"):
@@ -161,6 +165,81 @@ def test_fia_errors_are_specific():
         R.npu_fused_infer_attention_score(q, kv, kv, num_heads=4, block_table=torch.zeros(1, 1))
     with pytest.raises(NotImplementedError, match="TND"):
         R.npu_fused_infer_attention_score(q, kv, kv, num_heads=4, input_layout="TND")
+    with pytest.raises(NotImplementedError, match="sparse_mode=4"):
+        R.npu_fused_infer_attention_score(q, kv, kv, num_heads=4, num_key_value_heads=2, sparse_mode=4,
+                                          atten_mask=CAUSAL_2048)
+
+
+def test_fia_rejects_what_the_kernel_rejects():
+    heads = dict(num_heads=4, num_key_value_heads=2)
+    q, kv = rand(1, 4, 4 * 24), rand(1, 4, 2 * 24)                     # D = 24: not a multiple of 16
+    with pytest.raises(OpInputError, match="multiple of 16"):
+        R.npu_fused_infer_attention_score(q, kv, kv, **heads)
+    out, _ = R.npu_fused_infer_attention_score(q[:, :1], kv, kv, **heads)   # the incremental kernel takes it
+    assert out.shape == (1, 1, 96)
+    with pytest.raises(OpInputError, match="D <= 512"):
+        R.npu_fused_infer_attention_score(rand(1, 1, 1, 528), rand(1, 1, 2, 528), rand(1, 1, 2, 528),
+                                          input_layout="BNSD")
+    with pytest.raises(OpInputError, match="N <= 256"):
+        R.npu_fused_infer_attention_score(rand(1, 258, 1, 16), rand(1, 6, 2, 16), rand(1, 6, 2, 16),
+                                          num_heads=258, num_key_value_heads=6, input_layout="BNSD")
+    with pytest.raises(OpInputError, match="ratio <= 64"):
+        R.npu_fused_infer_attention_score(rand(1, 65, 1, 16), rand(1, 1, 2, 16), rand(1, 1, 2, 16),
+                                          num_heads=65, num_key_value_heads=1, input_layout="BNSD")
+    big = torch.zeros(1, 1, 262145, 16)
+    with pytest.raises(OpInputError, match="262144"):
+        R.npu_fused_infer_attention_score(rand(1, 1, 1, 16), big, big, input_layout="BNSD")
+    q, kv = rand(1, 4, 64), rand(1, 4, 32)
+    with pytest.raises(OpInputError, match="sparse_mode must be"):
+        R.npu_fused_infer_attention_score(q, kv, kv, **heads, sparse_mode=5)
+    with pytest.raises(OpInputError, match="allMask"):
+        R.npu_fused_infer_attention_score(q, kv, kv, **heads, sparse_mode=1)
+    with pytest.raises(OpInputError, match="atten_mask must be"):
+        R.npu_fused_infer_attention_score(q, kv, kv, **heads, atten_mask=torch.zeros(3, 4, dtype=torch.bool))
+    with pytest.raises(OpInputError, match="at least B"):               # 1 or >= B lengths
+        R.npu_fused_infer_attention_score(rand(3, 1, 64), rand(3, 4, 32), rand(3, 4, 32), **heads,
+                                          actual_seq_lengths_kv=[2, 2])
+    # the CANN sparse-mode rules for a negative limit
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    with pytest.raises(OpInputError, match="next_tokens=-2 < 0 needs pre_tokens >= 2"):
+        R.npu_fused_infer_attention_score(q, kv, kv, **heads, atten_mask=mask, pre_tokens=1, next_tokens=-2)
+    with pytest.raises(OpInputError, match="pre_tokens=-4 < 0"):       # |pre_tokens| must stay below S = 4
+        R.npu_fused_infer_attention_score(q, kv, kv, **heads, atten_mask=mask, pre_tokens=-4, next_tokens=8)
+
+
+def test_fia_mask_forms_the_doc_lists():
+    B, S, N, D = 2, 3, 2, 16
+    q, k, v = rand(B, N, S, D), rand(B, N, 5, D, seed=1), rand(B, N, 5, D, seed=2)
+    m2 = torch.rand(S, 5, generator=torch.Generator().manual_seed(3)) > 0.6
+    m2[:, 0] = False                                                     # no fully masked row
+    want, _ = R.npu_fused_infer_attention_score(q, k, v, num_heads=N, input_layout="BNSD", atten_mask=m2)
+    padded = torch.ones(16, 16, dtype=torch.bool)                        # S axes padded to an aligned size
+    padded[:S, :5] = m2
+    for m in (m2[None], m2[None, None], m2.expand(B, S, 5), m2.expand(B, 1, S, 5), padded, m2.to(torch.uint8)):
+        out, _ = R.npu_fused_infer_attention_score(q, k, v, num_heads=N, input_layout="BNSD", atten_mask=m)
+        torch.testing.assert_close(out, want)
+    # sparse_mode 1 (allMask) uses the mask as given and ignores pre/next_tokens
+    out, _ = R.npu_fused_infer_attention_score(q, k, v, num_heads=N, input_layout="BNSD", atten_mask=m2,
+                                               sparse_mode=1, pre_tokens=0, next_tokens=0)
+    torch.testing.assert_close(out, want)
+    # the compressed template also comes as [1, 2048, 2048] and [1, 1, 2048, 2048]
+    causal, _ = R.npu_fused_infer_attention_score(q, k, v, num_heads=N, input_layout="BNSD",
+                                                  atten_mask=CAUSAL_2048, sparse_mode=3)
+    for m in (CAUSAL_2048[None], CAUSAL_2048[None, None]):
+        out, _ = R.npu_fused_infer_attention_score(q, k, v, num_heads=N, input_layout="BNSD", atten_mask=m,
+                                                   sparse_mode=3)
+        torch.testing.assert_close(out, causal)
+    # decode (S = 1): a [B, S_kv] mask; a lengths list longer than B is cut to its first B entries
+    qd = q[:, :, :1]
+    md = torch.tensor([[False, False, True, True, True], [False, True, False, True, True]])
+    out, _ = R.npu_fused_infer_attention_score(qd, k, v, num_heads=N, input_layout="BNSD", atten_mask=md)
+    want = sdpa_bnsd(qd, k, v, scale=1.0, masks=md)
+    torch.testing.assert_close(out.double(), want, **TOL[torch.float32])
+    cut, _ = R.npu_fused_infer_attention_score(qd, k, v, num_heads=N, input_layout="BNSD",
+                                               actual_seq_lengths_kv=[2, 4, 1])
+    ref, _ = R.npu_fused_infer_attention_score(qd, k, v, num_heads=N, input_layout="BNSD",
+                                               actual_seq_lengths_kv=[2, 4])
+    torch.testing.assert_close(cut, ref)
 
 
 # ---------------------------------------------------------------- RoPE (in place)
@@ -180,7 +259,7 @@ def rope_tables(S, D, theta=1e6):
 @pytest.mark.parametrize("layout", ["BSND", "BSH"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_rotates_in_place_and_returns_the_inputs(layout, dtype):
-    B, S, N, Nkv, D = 2, 5, 4, 2, 16
+    B, S, N, Nkv, D = 2, 5, 4, 2, 64
     cos, sin = (t.view(1, S, 1, D).expand(B, S, 1, D).to(dtype) for t in rope_tables(S, D))
     q, k = rand(B, S, N, D, dtype=dtype), rand(B, S, Nkv, D, dtype=dtype, seed=1)
     q0, k0 = q.clone(), k.clone()
@@ -193,31 +272,59 @@ def test_rope_rotates_in_place_and_returns_the_inputs(layout, dtype):
 
 
 def test_rope_writes_through_views_and_tnd():
-    qkv = rand(1, 3, 2 * 8 + 8)
-    q = qkv[..., :16].view(1, 3, 2, 8)
-    k = qkv[..., 16:].view(1, 3, 1, 8)
-    cos, sin = (t.view(1, 3, 1, 8) for t in rope_tables(3, 8))
+    D = 128
+    qkv = rand(1, 3, 2 * D + D)
+    q = qkv[..., :2 * D].view(1, 3, 2, D)
+    k = qkv[..., 2 * D:].view(1, 3, 1, D)
+    cos, sin = (t.view(1, 3, 1, D) for t in rope_tables(3, D))
     before = qkv.clone()
     R.npu_apply_rotary_pos_emb(q, k, cos, sin, "BSH")
-    assert torch.equal(qkv[..., :16].view(1, 3, 2, 8), hf_rope(before[..., :16].view(1, 3, 2, 8), cos, sin))
-    q3, k3 = rand(4, 2, 8), rand(4, 1, 8, seed=1)
-    c3, s3 = (t.view(4, 1, 8) for t in rope_tables(4, 8))
+    assert torch.equal(qkv[..., :2 * D].view(1, 3, 2, D), hf_rope(before[..., :2 * D].view(1, 3, 2, D), cos, sin))
+    q3, k3 = rand(4, 2, 64), rand(4, 1, 64, seed=1)
+    c3, s3 = (t.view(4, 1, 64) for t in rope_tables(4, 64))
     want = hf_rope(q3, c3, s3)
     R.npu_apply_rotary_pos_emb(q3, k3, c3, s3, "TND")
     torch.testing.assert_close(q3, want)
 
 
 def test_rope_errors():
-    q, k = rand(1, 2, 2, 8), rand(1, 2, 1, 8)
-    cos, sin = (t.view(1, 2, 1, 8) for t in rope_tables(2, 8))
+    D = 64
+    q, k = rand(1, 2, 2, D), rand(1, 2, 1, D)
+    cos, sin = (t.view(1, 2, 1, D) for t in rope_tables(2, D))
     with pytest.raises(OpInputError, match="share one dtype"):
         R.npu_apply_rotary_pos_emb(q, k, cos.bfloat16(), sin.bfloat16())
-    with pytest.raises(NotImplementedError, match="only 'half'"):
+    with pytest.raises(OpInputError, match="only 'half'"):
         R.npu_apply_rotary_pos_emb(q, k, cos, sin, rotary_mode="interleave")
     with pytest.raises(OpInputError, match="4-D"):
         R.npu_apply_rotary_pos_emb(q[0], k[0], cos[0], sin[0], "BSH")
-    with pytest.raises(OpInputError, match="broadcast"):
-        R.npu_apply_rotary_pos_emb(q, k, cos.expand(1, 2, 3, 8).contiguous(), sin.expand(1, 2, 3, 8).contiguous())
+    with pytest.raises(OpInputError, match=r"\[B, S, 1, D\]"):          # N of cos/sin must be 1
+        R.npu_apply_rotary_pos_emb(q, k, cos.expand(1, 2, 3, D).contiguous(), sin.expand(1, 2, 3, D).contiguous())
+
+
+def test_rope_rejects_what_atlas_a2_a3_reject():
+    for D in (32, 96, 256):                                              # head dim 64 or 128 only
+        q, k = rand(1, 2, 2, D), rand(1, 2, 1, D)
+        cos, sin = (t.view(1, 2, 1, D) for t in rope_tables(2, D))
+        with pytest.raises(OpInputError, match="64 or 128"):
+            R.npu_apply_rotary_pos_emb(q, k, cos, sin)
+    B, S, D = 2, 3, 64
+    q, k = rand(B, S, 2, D), rand(B, S, 1, D)
+    cos, sin = (t.view(1, S, 1, D) for t in rope_tables(S, D))
+    for layout in ("BNSD", "SBND"):                                      # only BSND (and BSH) and TND
+        with pytest.raises(OpInputError, match="not supported on Atlas A2/A3"):
+            R.npu_apply_rotary_pos_emb(q, k, cos.expand(B, S, 1, D), sin.expand(B, S, 1, D), layout)
+    with pytest.raises(OpInputError, match=r"\[B, S, 1, D\]"):          # no broadcast over B
+        R.npu_apply_rotary_pos_emb(q, k, cos, sin)
+    with pytest.raises(OpInputError, match="leading dims"):              # key shares query's B and S
+        R.npu_apply_rotary_pos_emb(q, k[:, :2], cos.expand(B, S, 1, D), sin.expand(B, S, 1, D))
+    with pytest.raises(OpInputError, match="empty"):
+        R.npu_apply_rotary_pos_emb(q[:0], k[:0], cos[:0], sin[:0])
+    q3, k3 = rand(4, 2, D), rand(4, 1, D)
+    c3, s3 = (t.view(4, 1, D) for t in rope_tables(4, D))
+    with pytest.raises(OpInputError, match=r"\[T, 1, D\]"):
+        R.npu_apply_rotary_pos_emb(q3, k3, c3[:2], s3[:2], "TND")
+    out_q, _ = R.npu_apply_rotary_pos_emb(q3, k3, c3, s3, "TND")
+    assert out_q is q3
 
 
 # ---------------------------------------------------------------- KV-cache writes

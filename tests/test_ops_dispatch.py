@@ -81,7 +81,7 @@ def compiled(fn, backend="eager", **kw):
     return torch.compile(fn, fullgraph=True, backend=backend, **kw)
 
 
-E, K, H, I, N, NKV, D, S_MAX = 16, 4, 32, 8, 4, 2, 16, 24
+E, K, H, I, N, NKV, D, S_MAX = 16, 4, 64, 8, 4, 2, 64, 24
 
 
 def moe_block(x, logits, w13, w2):

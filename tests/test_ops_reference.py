@@ -49,6 +49,12 @@ def test_swiglu_rejects_odd_size_and_ints():
         R.npu_swiglu(torch.zeros(2, 5))
     with pytest.raises(OpInputError, match="dtype"):
         R.npu_swiglu(torch.zeros(2, 4, dtype=torch.int32))
+    with pytest.raises(OpInputError, match="contiguous"):            # the kernel reads contiguous input only
+        R.npu_swiglu(torch.zeros(4, 6).t())
+    with pytest.raises(OpInputError, match="non-empty"):
+        R.npu_swiglu(torch.zeros(0, 4))
+    with pytest.raises(OpInputError, match="1-8-D"):
+        R.npu_swiglu(torch.zeros([1] * 9 + [2]))
 
 
 # ---------------------------------------------------------------- rms_norm / add_rms_norm
@@ -86,6 +92,10 @@ def test_rms_norm_multi_axis_gamma_and_errors():
     torch.testing.assert_close(y, want)
     with pytest.raises(OpInputError, match="trailing dims"):
         R.npu_rms_norm(x, rand(4))
+    with pytest.raises(OpInputError, match="2-8-D"):                   # the op doc: 2-8-D inputs
+        R.npu_rms_norm(rand(8), rand(8))
+    with pytest.raises(OpInputError, match="gamma dtype"):             # gamma has the input's dtype
+        R.npu_rms_norm(x, gamma.bfloat16())
 
 
 def test_add_rms_norm_third_output_is_the_residual_sum():
@@ -97,6 +107,10 @@ def test_add_rms_norm_third_output_is_the_residual_sum():
     assert torch.equal(y, y_ref) and torch.equal(rstd, rstd_ref)
     with pytest.raises(OpInputError, match="must match"):
         R.npu_add_rms_norm(x1, x2.float(), gamma)
+    with pytest.raises(OpInputError, match="gamma dtype"):
+        R.npu_add_rms_norm(x1, x2, gamma.float())
+    with pytest.raises(OpInputError, match="epsilon"):
+        R.npu_add_rms_norm(x1, x2, gamma, -1e-6)
 
 
 # ---------------------------------------------------------------- gating top-k softmax
@@ -146,6 +160,8 @@ def test_gating_3d_finished_and_errors():
         R.npu_moe_gating_top_k_softmax(x, k=11)
     with pytest.raises(OpInputError, match="0 < k"):
         R.npu_moe_gating_top_k_softmax(x, k=0)
+    with pytest.raises(OpInputError, match="1024"):                    # the op doc: k <= 1024 whatever E is
+        R.npu_moe_gating_top_k_softmax(torch.zeros(1, 2048), k=1025)
     with pytest.raises(OpInputError, match="2-D or 3-D"):
         R.npu_moe_gating_top_k_softmax(torch.zeros(5), k=1)
 
@@ -219,10 +235,15 @@ def test_init_routing_v2_partial_expert_range_and_active_num():
     assert counts.tolist() == [2, 1, 2]
     assert ex[:5, 0].tolist() == [1, 2, 2, 0, 3] and (ex[5:] == 0).all()
     assert eri.tolist() == [-1, 3, 0, -1, 2, 1, -1, 4]
+    # scatter index: the whole sort order, out-of-range entries included (4: src 3, 5: src 7, then 0: src 0, 6)
+    _, order, _, _ = R.npu_moe_init_routing_v2(x, expert_idx, expert_num=6, active_expert_range=[1, 4],
+                                               row_idx_type=1)
+    assert order.tolist() == [2, 5, 4, 1, 7, 3, 6, 0]
     scale = torch.tensor([10.0, 11.0, 12.0, 13.0])
     ex, eri, _, es = R.npu_moe_init_routing_v2(x, expert_idx, scale=scale, active_num=3, expert_num=6)
     assert ex.shape == (3, 2) and es.tolist() == [10.0, 11.0, 12.0]      # expert 0 (t0), 1 (t1), 1 (t2)
-    assert (eri >= 0).sum() == 3
+    # active_num cuts expanded_x, not the gather index: every source keeps its destination row
+    assert sorted(eri.tolist()) == list(range(8))
 
 
 def test_init_routing_v2_errors():
@@ -241,6 +262,16 @@ def test_init_routing_v2_errors():
         R.npu_moe_init_routing_v2(x, idx, active_expert_range=(0, 4))
     with pytest.raises(OpInputError, match="expert_num > 0"):
         R.npu_moe_init_routing_v2(x, idx, expert_tokens_num_flag=True)
+    with pytest.raises(OpInputError, match="must not exceed expert_num"):
+        R.npu_moe_init_routing_v2(x, idx, expert_num=4, active_expert_range=[0, 8])
+    with pytest.raises(OpInputError, match="expert_num must be <= 5120"):
+        R.npu_moe_init_routing_v2(x, idx, expert_num=6000, expert_tokens_num_type=2)
+    with pytest.raises(OpInputError, match="expert_num must be <= 10240"):
+        R.npu_moe_init_routing_v2(x, idx, expert_num=10241)
+    with pytest.raises(OpInputError, match=r"lie in \[0, expert_num = 4\)"):
+        R.npu_moe_init_routing_v2(x, idx + 4, expert_num=4)
+    with pytest.raises(OpInputError, match="float32"):
+        R.npu_moe_init_routing_v2(x, idx, expert_num=4, scale=torch.ones(2, dtype=torch.bfloat16))
 
 
 def test_compute_expert_tokens_is_cumulative():
@@ -254,6 +285,10 @@ def test_compute_expert_tokens_is_cumulative():
         R.npu_moe_compute_expert_tokens(torch.tensor([2, 0], dtype=torch.int32), 3)
     with pytest.raises(OpInputError, match="num_expert"):
         R.npu_moe_compute_expert_tokens(s, 0)
+    with pytest.raises(OpInputError, match="num_expert"):
+        R.npu_moe_compute_expert_tokens(s, 2049)
+    with pytest.raises(OpInputError, match="fewer than 2\\*\\*24"):
+        R.npu_moe_compute_expert_tokens(torch.zeros(1 << 24, dtype=torch.int32), 3)
 
 
 # ---------------------------------------------------------------- finalize routing
@@ -291,11 +326,21 @@ def test_finalize_matches_loop(T, K, mode, extras, dtype, seed):
     torch.testing.assert_close(out.double(), want, **TOL[dtype])
 
 
-def test_finalize_dropped_rows_scales_none_and_errors():
+def test_finalize_scales_none_index_domain_and_errors():
     rows = torch.arange(12.0).view(4, 3)
-    idx = torch.tensor([3, -1, 0, 1], dtype=torch.int32)                 # token 0 keeps only one expert
+    idx = torch.tensor([3, 2, 0, 1], dtype=torch.int32)
     out = R.npu_moe_finalize_routing(rows, None, None, None, None, idx, None, drop_pad_mode=2, k=2)
-    assert out.tolist() == [rows[3].tolist(), (rows[0] + rows[1]).tolist()]
+    assert out.tolist() == [(rows[3] + rows[2]).tolist(), (rows[0] + rows[1]).tolist()]
+    # drop_pad_mode 0/2 take indices in [0, T*K - 1] only (op doc): -1 ("dropped") is a drop/pad-mode value
+    with pytest.raises(OpInputError, match=r"lie in \[0, T\*K - 1 = 3\]"):
+        R.npu_moe_finalize_routing(rows, None, None, None, None, torch.tensor([3, -1, 0, 1], dtype=torch.int32),
+                                   None, drop_pad_mode=2, k=2)
+    with pytest.raises(OpInputError, match="T\\*K = 4 rows"):                # rows are [T*K, H] in modes 0/2
+        R.npu_moe_finalize_routing(rows[:3], None, None, None, None, idx, None, drop_pad_mode=2, k=2)
+    with pytest.raises(OpInputError, match="int32"):
+        R.npu_moe_finalize_routing(rows, None, None, None, None, idx.long(), None, drop_pad_mode=2, k=2)
+    with pytest.raises(OpInputError, match="skip1 must be"):
+        R.npu_moe_finalize_routing(rows, rows[:2].bfloat16(), None, None, None, idx, None, drop_pad_mode=2, k=2)
     scales = torch.ones(2, 2, dtype=torch.bfloat16)
     with pytest.raises(OpInputError, match="dtype of expanded_permuted_rows"):
         R.npu_moe_finalize_routing(rows, None, None, None, scales, idx, None, drop_pad_mode=2)
@@ -320,6 +365,8 @@ def loop_gmm(x, w, counts):
        list_type=st.sampled_from([0, 1]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        seed=st.integers(0, 999))
 def test_grouped_matmul_counts_and_cumulative(counts, pad, list_type, dtype, seed):
+    if list_type == 1 and len(counts) == 1:
+        counts = counts + [0]                                  # a counts list may not have length 1 (op doc)
     G, Kd, N = len(counts), 7, 5
     M = sum(counts) + pad                                      # `pad` rows past the group total
     x = rand(M, Kd, dtype=dtype, seed=seed)
@@ -363,21 +410,26 @@ def test_grouped_matmul_list_forms_split_items_bias_and_dtype():
     counts = [2, 3]
     bias = rand(2, 3, seed=2)
     want = loop_gmm(x, w, counts) + torch.cat([bias[0].expand(2, 3), bias[1].expand(3, 3)]).double()
-    (y,) = R.npu_grouped_matmul([x], [w[0], w[1]], bias=[bias], group_list=counts, group_type=0,
+    (y,) = R.npu_grouped_matmul([x], [w], bias=[bias], group_list=torch.tensor(counts), group_type=0,
                                 group_list_type=1, split_item=2)
     torch.testing.assert_close(y.double(), want, **TOL[torch.float32])
-    parts = R.npu_grouped_matmul([x], [w], group_list=torch.tensor(counts), group_type=0, group_list_type=1,
-                                 split_item=1)
+    # the legacy int-list group_list: cumulative offsets, group_type=None
+    (y,) = R.npu_grouped_matmul([x], [w[0], w[1]], bias=[bias[0], bias[1]], group_list=[2, 5], split_item=2)
+    torch.testing.assert_close(y.double(), want, **TOL[torch.float32])
+    parts = R.npu_grouped_matmul([x.bfloat16()], [w.bfloat16()], group_list=torch.tensor(counts), group_type=0,
+                                 group_list_type=1, split_item=1)             # (float32 needs a single output)
     assert [p.shape[0] for p in parts] == counts
     # no grouping: one matmul per (x, weight) pair
     a, b = rand(2, 4, seed=3), rand(3, 4, seed=4)
     outs = R.npu_grouped_matmul([a, b], [w[0], w[1]])
     torch.testing.assert_close(outs[1], b @ w[1])
-    (cat,) = R.npu_grouped_matmul([a, b], [w[0], w[1]], group_type=-1, split_item=3)
+    outs = R.npu_grouped_matmul([a], [w[0]], group_type=-1)
+    torch.testing.assert_close(outs[0], a @ w[0])
+    (cat,) = R.npu_grouped_matmul([a, b], [w[0], w[1]], split_item=3)
     torch.testing.assert_close(cat, torch.cat([a @ w[0], b @ w[1]]))
-    (y32,) = R.npu_grouped_matmul([x.bfloat16()], [w.bfloat16()], group_list=torch.tensor(counts),
-                                  group_type=0, group_list_type=1, output_dtype=torch.float32)
-    assert y32.dtype == torch.float32
+    (ybf,) = R.npu_grouped_matmul([x.bfloat16()], [w.bfloat16()], group_list=torch.tensor(counts),
+                                  group_type=0, group_list_type=1, output_dtype=torch.bfloat16)
+    assert ybf.dtype == torch.bfloat16
 
 
 def test_grouped_matmul_errors():
@@ -401,6 +453,45 @@ def test_grouped_matmul_errors():
         R.npu_grouped_matmul([x], [w], scale=[torch.ones(2)], group_list=torch.tensor([2, 2]), **ok)
     with pytest.raises(NotImplementedError, match="group_type=2"):
         R.npu_grouped_matmul([x], [w], group_list=torch.tensor([2, 2]), group_type=2)
+
+
+def test_grouped_matmul_rejects_what_the_kernel_rejects():
+    x, w = rand(4, 3), rand(2, 3, 5)
+    ok = dict(group_list=torch.tensor([2, 2]), group_type=0, group_list_type=1, split_item=3)
+    with pytest.raises(OpInputError, match="at most 1024"):
+        R.npu_grouped_matmul([x], [rand(1025, 3, 5)], **{**ok, "group_list": torch.zeros(1025, dtype=torch.int64)})
+    with pytest.raises(OpInputError, match="at most 128"):
+        R.npu_grouped_matmul([x] * 129, [w[0]] * 129)
+    with pytest.raises(OpInputError, match="below 65536"):
+        R.npu_grouped_matmul([torch.zeros(1, 65536)], [torch.zeros(2, 65536, 1)], **ok)
+    with pytest.raises(OpInputError, match="below 65536"):
+        R.npu_grouped_matmul([x], [torch.zeros(2, 3, 65536)], **ok)
+    with pytest.raises(OpInputError, match="transposed"):
+        R.npu_grouped_matmul([rand(3, 4).t()], [w], **ok)
+    (y,) = R.npu_grouped_matmul([x], [rand(2, 5, 3, seed=2).transpose(1, 2)], **ok)   # a transposed weight is fine
+    assert y.shape == (4, 5)
+    with pytest.raises(OpInputError, match="output_dtype"):
+        R.npu_grouped_matmul([x.bfloat16()], [w.bfloat16()], **ok, output_dtype=torch.float32)
+    with pytest.raises(OpInputError, match="one dtype"):
+        R.npu_grouped_matmul([x.bfloat16()], [w], **ok)
+    with pytest.raises(OpInputError, match="bias"):                       # bf16 x takes a float32 bias
+        R.npu_grouped_matmul([x.bfloat16()], [w.bfloat16()], bias=[torch.zeros(2, 5, dtype=torch.bfloat16)], **ok)
+    with pytest.raises(OpInputError, match="group_list_type=2"):
+        R.npu_grouped_matmul([x], [w], **{**ok, "group_list_type": 2})
+    with pytest.raises(OpInputError, match="may not have length 1"):
+        R.npu_grouped_matmul([x], [w[:1]], **{**ok, "group_list": torch.tensor([4])})
+    (y,) = R.npu_grouped_matmul([x], [w[:1]], **{**ok, "group_list": torch.tensor([4]), "group_list_type": 0})
+    torch.testing.assert_close(y, x @ w[0])
+    with pytest.raises(OpInputError, match="float32 inputs"):
+        R.npu_grouped_matmul([x, x], [w[0], w[1]], **{**ok, "group_list": None})
+    with pytest.raises(OpInputError, match="split_item must be 0 or 1"):
+        R.npu_grouped_matmul([x], [w[0]], group_type=-1, split_item=3)
+    with pytest.raises(OpInputError, match="group_type=None"):             # an int list is the .List overload
+        R.npu_grouped_matmul([x], [w[0], w[1]], group_list=[2, 4], group_type=0)
+    with pytest.raises(OpInputError, match="not of length 1"):
+        R.npu_grouped_matmul([x], [w[0]], group_list=[4], split_item=3)
+    with pytest.raises(OpInputError, match="must end at"):
+        R.npu_grouped_matmul([x], [w[0], w[1]], group_list=[1, 3], split_item=3)
 
 
 # ---------------------------------------------------------------- a whole MoE block, both routing paths

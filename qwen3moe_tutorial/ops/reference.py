@@ -4,6 +4,8 @@
   (reference/npu-ops.md; tests/test_npu_conformance.py checks the signatures against the wheel's schemas).
 - Numerics follow Ascend's CPU golden functions: compute in float32, round once to the output dtype.
 - Only what the recipe needs: quantisation, paged KV caches and drop/pad routing raise NotImplementedError.
+- What the NPU kernels reject on Atlas A2/A3 (head dims, layouts, dtypes, list and group counts, index ranges),
+  as the op docs and golden tests state it, raises OpInputError here too; each check names its source.
 - No host syncs in the decode-path ops, so they trace under torch.compile(fullgraph=True); checks that read
   tensor values run in eager mode only.
 """
@@ -22,6 +24,12 @@ INT_TYPES = (int, torch.SymInt)   # host ints; symbolic under torch.compile(dyna
 _SCALAR_TYPE = {5: torch.float16, 6: torch.float32, 15: torch.bfloat16}
 _FIA_MASK_SIZE = 2048          # sparse_mode 2/3 take this compressed lower-triangular template
 _GMM_GATHER_BUDGET = 1 << 24   # elements of gathered expert weights per row chunk (64 MiB in fp32)
+# op-plugin docs (npu_grouped_matmul, Atlas A2/A3): at most 128 tensors per list, 1024 groups in one 3-D
+# weight, inner (stride-1) dims below 65536; without quantisation bias is fp16 for fp16 x, fp32 otherwise
+_GMM_MAX_LIST = 128
+_GMM_MAX_GROUPS = 1024
+_GMM_INNER_LIMIT = 65536
+_GMM_BIAS_DTYPE = {torch.float16: torch.float16, torch.bfloat16: torch.float32, torch.float32: torch.float32}
 _SORT_LAST = 1 << 40           # a sort key above every expert id
 
 
@@ -55,7 +63,9 @@ def _tensor(op: str, name: str, t, dtypes=None, dims=None) -> None:
     if dtypes is not None and t.dtype not in dtypes:
         _fail(op, f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if dims is not None and t.dim() not in dims:
-        _fail(op, f"{name} must be {' or '.join(f'{d}-D' for d in dims)}, got shape {tuple(t.shape)}")
+        want = (f"{dims.start}-{dims.stop - 1}-D" if isinstance(dims, range)
+                else " or ".join(f"{d}-D" for d in dims))
+        _fail(op, f"{name} must be {want}, got shape {tuple(t.shape)}")
 
 
 def _unsupported(op: str, **given) -> None:
@@ -80,7 +90,10 @@ def npu_swiglu(self, dim=-1):
     Computed in float32 and rounded once to the input dtype (the swiglu golden computes in fp32).
     """
     op = "npu_swiglu"
-    _tensor(op, "self", self, FLOAT_DTYPES)
+    _tensor(op, "self", self, FLOAT_DTYPES, dims=range(1, 9))     # op-plugin docs: 1-8 dims
+    if self.numel() == 0 or not self.is_contiguous():                  # op-plugin docs: no empty, no strided input
+        _fail(op, f"self must be a non-empty contiguous tensor (got shape {tuple(self.shape)}, "
+                  f"contiguous={self.is_contiguous()}); call .contiguous() first")
     if not -self.dim() <= dim < self.dim():
         _fail(op, f"dim={dim} is out of range for a {self.dim()}-D input")
     if self.shape[dim] % 2:
@@ -89,36 +102,47 @@ def npu_swiglu(self, dim=-1):
     return (F.silu(a) * b).to(self.dtype)
 
 
+def _rms_norm(op, x, gamma, epsilon):
+    """The normalisation shared by rms_norm and add_rms_norm, after each op's own input checks."""
+    _tensor(op, "gamma", gamma, FLOAT_DTYPES)
+    if gamma.dtype != x.dtype:                                 # op-plugin docs: gamma has the input's dtype
+        _fail(op, f"gamma dtype {gamma.dtype} must equal the input dtype {x.dtype}")
+    g = gamma.dim()
+    if not 1 <= g <= x.dim() or tuple(x.shape[-g:]) != tuple(gamma.shape):
+        _fail(op, f"gamma of shape {tuple(gamma.shape)} must equal the trailing dims of x {tuple(x.shape)}")
+    dims = tuple(range(-g, 0))
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(dim=dims, keepdim=True) + epsilon)   # [..., 1] float32
+    return (x32 * rstd * gamma.float()).to(x.dtype), rstd
+
+
 def npu_rms_norm(self, gamma, epsilon=1e-06):
     """RMSNorm over the last gamma.dim() axes: y = x * rsqrt(mean(x^2) + eps) * gamma (npu-ops §7).
 
     Returns (y, rstd): y has x's shape and dtype; rstd is float32 with shape x.shape[:-g] + (1,)*g.
     Everything, the gamma multiply included, runs in float32 with one final rounding (HF rounds twice).
+    The kernel takes 2-8-D inputs and a gamma of the input's dtype.
     """
     op = "npu_rms_norm"
-    _tensor(op, "self", self, FLOAT_DTYPES)
-    _tensor(op, "gamma", gamma, FLOAT_DTYPES)
-    g = gamma.dim()
-    if not 1 <= g <= self.dim() or tuple(self.shape[-g:]) != tuple(gamma.shape):
-        _fail(op, f"gamma of shape {tuple(gamma.shape)} must equal the trailing dims of x {tuple(self.shape)}")
-    dims = tuple(range(-g, 0))
-    x32 = self.float()
-    rstd = torch.rsqrt(x32.pow(2).mean(dim=dims, keepdim=True) + epsilon)   # [..., 1] float32
-    return (x32 * rstd * gamma.float()).to(self.dtype), rstd
+    _tensor(op, "self", self, FLOAT_DTYPES, dims=range(2, 9))  # op-plugin docs (npu_rms_norm): 2-8 dims
+    return _rms_norm(op, self, gamma, epsilon)
 
 
 def npu_add_rms_norm(x1, x2, gamma, epsilon=1e-06):
-    """Residual add fused with RMSNorm: x = x1 + x2 (rounded to the input dtype), then npu_rms_norm(x).
+    """Residual add fused with RMSNorm: x = x1 + x2 (rounded to the input dtype), then the RMSNorm of x.
 
     Returns (y, rstd, x): **the third output is the sum**, i.e. the new residual stream (npu-ops §7).
+    x1, x2 and gamma share one dtype; inputs are 1-8-D.
     """
     op = "npu_add_rms_norm"
-    _tensor(op, "x1", x1, FLOAT_DTYPES)
-    _tensor(op, "x2", x2, FLOAT_DTYPES)
+    _tensor(op, "x1", x1, FLOAT_DTYPES, dims=range(1, 9))      # aclnnAddRmsNorm: 1-8 dims
+    _tensor(op, "x2", x2, FLOAT_DTYPES, dims=range(1, 9))
     if x1.shape != x2.shape or x1.dtype != x2.dtype:
         _fail(op, f"x1 {tuple(x1.shape)} {x1.dtype} and x2 {tuple(x2.shape)} {x2.dtype} must match")
+    if epsilon < 0:                                            # aclnnAddRmsNorm: epsilon >= 0
+        _fail(op, f"epsilon must be >= 0, got {epsilon}")
     x = x1 + x2                                                             # rounded to the input dtype
-    y, rstd = npu_rms_norm(x, gamma, epsilon)
+    y, rstd = _rms_norm(op, x, gamma, epsilon)
     return y, rstd, x
 
 
@@ -181,10 +205,13 @@ def npu_moe_init_routing(x, row_idx, expert_idx, active_num):
     return expanded_x, expanded_row_idx, sorted_expert
 
 
-def _expert_range(op, active_expert_range, expert_num):
+def _expert_range(op, active_expert_range, expert_num, kind):
+    # op-plugin docs (npu_moe_init_routing_v2): expert_num in [0, 5120] in key_value mode (count type 2),
+    # else in [0, 10240]; the range lies in [0, 10240] (meta function) and its end is at most expert_num
+    limit = 5120 if kind == 2 else 10240
+    if expert_num > limit:
+        _fail(op, f"expert_num must be <= {limit} with expert_tokens_num_type={kind}, got {expert_num}")
     if len(active_expert_range) == 0:
-        if expert_num > 10240:
-            _fail(op, f"expert_num must be <= 10240, got {expert_num}")
         return 0, (expert_num if expert_num > 0 else None)
     if len(active_expert_range) != 2 or not isinstance(active_expert_range, list):
         _fail(op, f"active_expert_range must be a list [start, end] (the NPU's meta function rejects "
@@ -192,6 +219,8 @@ def _expert_range(op, active_expert_range, expert_num):
     start, end = (operator.index(v) for v in active_expert_range)
     if not 0 <= start < end <= 10240:
         _fail(op, f"active_expert_range must be increasing within [0, 10240], got {[start, end]}")
+    if expert_num >= 0 and end > expert_num:
+        _fail(op, f"active_expert_range end {end} must not exceed expert_num = {expert_num}")
     return start, end
 
 
@@ -219,14 +248,19 @@ def npu_moe_init_routing_v2(x, expert_idx, *, scale=None, offset=None, active_nu
 
     x [T, H], expert_idx [T, K] int32. Rows are sorted stably by expert id; experts below the active
     range go last, experts at or above its end sort after the in-range ones (and, like them, by id).
-    Returns (expanded_x, expanded_row_idx, expert_token_cumsum_or_count, expanded_scale):
-    - expanded_x [R, H], R = T*K if active_num <= 0 else min(active_num, T*K): expanded_x[i] = x[src_i // K];
-      rows past the in-range rows are undefined on the NPU and **zero here**;
-    - expanded_row_idx [T*K] int32: row_idx_type 0 gives the destination row of source t*K + k (-1 when the
-      expert is out of range or the row was cut by active_num), type 1 the source of destination i;
-    - counts int64: type 1 per-expert counts [end - start], type 0 their cumsum, type 2 (id, count) pairs
-      [expert_num, 2]; a 0-d tensor when expert_tokens_num_flag is False (the NPU leaves it uninitialised);
-    - expanded_scale float32 [R]: scale[src // K] if scale is given, else zeros (undefined on the NPU).
+    Let n = the number of in-range entries and R = T*K if active_num <= 0 else min(active_num, T*K).
+    Returns (expanded_x, expanded_row_idx, expert_token_cumsum_or_count, expanded_scale), as Ascend's CPU golden:
+    - expanded_x [R, H]: expanded_x[i] = x[src_i // K] for i < min(R, n); the rest is undefined on the NPU and
+      **zero here**;
+    - expanded_row_idx [T*K] int32: row_idx_type 0 ("gather") gives the destination row of source t*K + k for
+      every in-range entry, even past R (active_num cuts expanded_x, not the index), and -1 for out-of-range
+      experts; row_idx_type 1 ("scatter") is the whole sort order: entry i is the source of destination i,
+      out-of-range entries included (they fill positions n..T*K-1);
+    - counts int64 over in-range entries: type 1 per-expert counts [end - start], type 0 their cumsum, type 2
+      (id, count) pairs of the experts present, then zero rows, [expert_num, 2]; a 0-d tensor when
+      expert_tokens_num_flag is False (the NPU leaves it uninitialised);
+    - expanded_scale float32 [R]: scale[src_i // K] if scale is given (zero past n), else zeros (undefined on
+      the NPU).
     Pair with finalize drop_pad_mode=2 and grouped matmul group_list_type=1 (counts).
     """
     op = "npu_moe_init_routing_v2"
@@ -245,29 +279,35 @@ def npu_moe_init_routing_v2(x, expert_idx, *, scale=None, offset=None, active_nu
     T, K = expert_idx.shape
     if x.shape[0] != T:
         _fail(op, f"x has {x.shape[0]} rows but expert_idx has {T}; both are per token")
-    start, end = _expert_range(op, active_expert_range, expert_num)
+    start, end = _expert_range(op, active_expert_range, expert_num, expert_tokens_num_type)
     if expert_tokens_num_flag and (end is None or (expert_tokens_num_type == 2 and expert_num <= 0)):
         _fail(op, "expert_tokens_num_flag=True needs expert_num > 0 (or an active_expert_range)")
+    # op-plugin docs: expert ids must lie below the expert count (a value check: eager only)
+    if _eager() and expert_num > 0 and expert_idx.numel() and \
+            bool(((expert_idx < 0) | (expert_idx >= expert_num)).any()):
+        _fail(op, f"expert_idx values must lie in [0, expert_num = {expert_num}), got "
+                  f"[{int(expert_idx.min())}, {int(expert_idx.max())}]")
     rows = T * K if active_num <= 0 else min(active_num, T * K)
 
     flat = expert_idx.reshape(-1).long()                                    # [T*K], source f = t*K + k
     in_range = flat >= start if end is None else (flat >= start) & (flat < end)
     order = torch.argsort(torch.where(flat < start, _SORT_LAST, flat), stable=True)   # dst i <- src order[i]
     positions = torch.arange(T * K, dtype=torch.int32, device=x.device)
-    dst = torch.empty_like(positions).scatter_(0, order, positions)         # [T*K] dst of each source
-    kept = in_range & (dst < rows)
     if row_idx_type == 0:
-        expanded_row_idx = torch.where(kept, dst, -1)
+        dst = torch.empty_like(positions).scatter_(0, order, positions)     # [T*K] dst of each source
+        expanded_row_idx = torch.where(in_range, dst, -1)
     else:
-        expanded_row_idx = torch.where(kept[order], order.to(torch.int32), -1)
+        expanded_row_idx = order.to(torch.int32)
 
     src = order[:rows]                                                       # [R]
-    expanded_x = torch.where(in_range[src].unsqueeze(-1), x[src // K], 0)   # [R, H]
+    defined = in_range[src].unsqueeze(-1)                                    # the first min(R, n) rows
+    expanded_x = torch.where(defined, x[src // K], 0)                       # [R, H]
     if scale is not None:
-        _tensor(op, "scale", scale, FLOAT_DTYPES, dims=(1,))
+        # op-plugin docs: without quantisation scale is a float32 [T] tensor
+        _tensor(op, "scale", scale, (torch.float32,), dims=(1,))
         if scale.shape[0] != T:
             _fail(op, f"scale must be [T] = [{T}], got {tuple(scale.shape)}")
-        expanded_scale = scale.float()[src // K]
+        expanded_scale = torch.where(defined[:, 0], scale[src // K], 0)
     else:
         expanded_scale = torch.zeros(rows, dtype=torch.float32, device=x.device)
     if expert_tokens_num_flag:
@@ -286,6 +326,9 @@ def npu_moe_compute_expert_tokens(sorted_expert_for_source_row, num_expert):
     op = "npu_moe_compute_expert_tokens"
     s = sorted_expert_for_source_row
     _tensor(op, "sorted_expert_for_source_row", s, (torch.int32,), dims=(1,))
+    # aclnnMoeComputeExpertTokens (ops-transformer README): fewer than 2**24 entries, 0 < num_expert <= 2048
+    if s.numel() >= 1 << 24:
+        _fail(op, f"sorted_expert_for_source_row must have fewer than 2**24 entries, got {s.numel()}")
     if not isinstance(num_expert, INT_TYPES) or not 0 < num_expert <= 2048:
         _fail(op, f"num_expert must be an int in (0, 2048], got {num_expert!r}")
     if _eager() and s.numel() > 1 and bool((s[1:] < s[:-1]).any()):
@@ -300,8 +343,11 @@ def npu_moe_finalize_routing(expanded_permuted_rows, skip1, skip2, bias, scales,
 
     out[t] = skip1[t] + skip2[t] + sum_j scales[t, j] * (rows[idx(t, j)] + bias[export_for_source_row[t, j]])
     with idx(t, j) = expanded_src_to_dst_row[j*T + t] for drop_pad_mode 0 (k-major, init_routing v1) or
-    [t*K + j] for drop_pad_mode 2 (row-major, init_routing_v2). An index of -1 adds no row (bias still counts).
-    scales must have the rows' dtype. Output [T, H] in the rows' dtype; float32 accumulation, one rounding.
+    [t*K + j] for drop_pad_mode 2 (row-major, init_routing_v2). In these two modes rows are [T*K, H] and every
+    index lies in [0, T*K - 1] (the op doc; -1, "dropped", belongs to the drop/pad modes 1 and 3), so an
+    init_routing_v2 index with -1 entries (a partial active_expert_range) is rejected eagerly; traced, such an
+    entry adds no row (bias still counts). scales, skips and bias have the rows' dtype. Output [T, H] in the
+    rows' dtype; float32 accumulation, one rounding.
     """
     op = "npu_moe_finalize_routing"
     rows, idx = expanded_permuted_rows, expanded_src_to_dst_row
@@ -311,7 +357,7 @@ def npu_moe_finalize_routing(expanded_permuted_rows, skip1, skip2, bias, scales,
     if mode not in (0, 2):
         _fail(op, f"drop_pad_mode must be 0 (k-major, v1) or 2 (row-major, v2), got {drop_pad_mode!r}")
     _tensor(op, "expanded_permuted_rows", rows, FLOAT_DTYPES, dims=(2,))
-    _tensor(op, "expanded_src_to_dst_row", idx, INDEX_DTYPES, dims=(1,))
+    _tensor(op, "expanded_src_to_dst_row", idx, (torch.int32,), dims=(1,))     # op-plugin docs: int32
     if scales is not None:
         _tensor(op, "scales", scales, dims=(2,))
         if scales.dtype != rows.dtype:
@@ -325,10 +371,34 @@ def npu_moe_finalize_routing(expanded_permuted_rows, skip1, skip2, bias, scales,
         T = idx.numel() // K
     if idx.numel() != T * K:
         _fail(op, f"expanded_src_to_dst_row has {idx.numel()} entries, expected T*K = {T}*{K}")
+    if rows.shape[0] != T * K:                 # op-plugin docs: rows are [T*K, H] in drop_pad_mode 0 and 2
+        _fail(op, f"expanded_permuted_rows must have T*K = {T * K} rows in drop_pad_mode {mode}, got "
+                  f"{tuple(rows.shape)}; init_routing_v2 must run with active_num = T*K")
+    H = rows.shape[1]
     if skip2 is not None and skip1 is None:
         _fail(op, "skip2 may be given only together with skip1")
-    if bias is not None and export_for_source_row is None:
-        _fail(op, "bias needs export_for_source_row (the expert of each (token, k) pair)")
+    for name, skip in (("skip1", skip1), ("skip2", skip2)):
+        if skip is not None:                   # op-plugin docs: the output's shape, the rows' dtype
+            _tensor(op, name, skip, dims=(2,))
+            if tuple(skip.shape) != (T, H) or skip.dtype != rows.dtype:
+                _fail(op, f"{name} must be [{T}, {H}] {rows.dtype}, got {tuple(skip.shape)} {skip.dtype}")
+    if bias is not None:
+        if export_for_source_row is None:
+            _fail(op, "bias needs export_for_source_row (the expert of each (token, k) pair)")
+        _tensor(op, "bias", bias, dims=(2,))   # op-plugin docs: [E, H], the rows' dtype
+        if bias.shape[1] != H or bias.dtype != rows.dtype:
+            _fail(op, f"bias must be [E, {H}] {rows.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if export_for_source_row is not None:      # op-plugin docs: int32 [T, K], values in [0, E-1]
+        _tensor(op, "export_for_source_row", export_for_source_row, (torch.int32,), dims=(2,))
+        if tuple(export_for_source_row.shape) != (T, K):
+            _fail(op, f"export_for_source_row must be [{T}, {K}], got {tuple(export_for_source_row.shape)}")
+        if _eager() and bias is not None and export_for_source_row.numel() and bool(
+                ((export_for_source_row < 0) | (export_for_source_row >= bias.shape[0])).any()):
+            _fail(op, f"export_for_source_row values must lie in [0, E = {bias.shape[0]})")
+    if _eager() and idx.numel() and bool(((idx < 0) | (idx >= T * K)).any()):
+        _fail(op, f"expanded_src_to_dst_row values must lie in [0, T*K - 1 = {T * K - 1}] in drop_pad_mode "
+                  f"{mode}, got [{int(idx.min())}, {int(idx.max())}] (-1 entries come from a partial "
+                  f"active_expert_range in init_routing_v2; use the full range [0, E])")
 
     dst = idx.view(K, T).t() if mode == 0 else idx.view(T, K)              # [T, K] destination rows
     picked = rows[dst.clamp(min=0).long()].float()                          # [T, K, H]
@@ -367,6 +437,9 @@ def _group_ends(op, group_list, group_list_type, G, M, device):
         _fail(op, f"group_list has {group_list.shape[0]} entries but the weights hold {G} groups")
     if group_list_type not in (0, 1):
         _fail(op, f"group_list_type must be 0 (cumulative) or 1 (counts), got {group_list_type!r}")
+    if group_list_type == 1 and G == 1:        # op-plugin docs: a counts group_list may not have length 1
+        _fail(op, "a counts group_list (group_list_type=1) may not have length 1; use group_list_type=0 "
+                  "(cumulative) for a single group")
     if group_list_type == 0:
         ends = group_list.long()
     elif _eager():
@@ -425,14 +498,17 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
                        weight_dtype=None, scale_dtype=None, per_token_scale_dtype=None):
     """Grouped matmul over lists of tensors (npu-ops §6). Returns a list of tensors.
 
-    - group_type=0 (split M): x = [x [M, K]], weight = [w [G, K, N]] (or G tensors [K, N]); rows
+    - group_type=0 (split M), one x [M, K]: weight = [w [G, K, N]] (or G tensors [K, N]); rows
       ends[g-1]:ends[g] of x use w[g], ends = cumsum(group_list) for group_list_type=1 (counts) or group_list
       itself for group_list_type=0 (cumulative). Zero-count groups are fine; rows past the last end are
       never read as part of a group and come out as **zeros** (garbage on the NPU).
-    - group_type=None or -1: no grouping, y_i = x_i @ weight_i for each pair (the NPU accepts None only with
-      the legacy int-list group_list; pass -1 there).
-    - split_item 0/1: one output per x (1: one per group, eager only); 2/3: a single output [sum M, N].
-    Float32 accumulation, rounded once to output_dtype (default: x's dtype). Quantisation raises.
+    - group_type=0, several x (x_i [M_i, K_i] with weight_i [K_i, N]), split_item 2/3: one output, the products
+      x_i @ weight_i stacked along M; a group_list, if given, must describe the M_i.
+    - group_type=-1: no grouping, y_i = x_i @ weight_i for each pair, split_item 0/1 (one output per pair).
+    - group_type=None, the legacy .List overload: group_list is an int list of cumulative row offsets
+      (non-decreasing, not of length 1) splitting one x over the weights, or None for pairs as above; split_item
+      2/3 stack the outputs along M into one tensor (so do several x without a group_list).
+    Float32 accumulation, rounded once to x's dtype (output_dtype may only repeat it). Quantisation raises.
     """
     op = "npu_grouped_matmul"
     _unsupported(op, scale=scale, offset=offset, antiquant_scale=antiquant_scale,
@@ -445,53 +521,182 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
     for name, seq in (("x", x), ("weight", weight)):
         if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence) or len(seq) == 0:
             _fail(op, f"{name} must be a non-empty list of tensors, e.g. [{name}]")
+        if len(seq) > _GMM_MAX_LIST:
+            _fail(op, f"{name} holds {len(seq)} tensors; the kernel takes at most {_GMM_MAX_LIST}")
         for t in seq:
             _tensor(op, name + "[i]", t, FLOAT_DTYPES)
     if split_item not in (0, 1, 2, 3):
         _fail(op, f"split_item must be 0, 1, 2 or 3, got {split_item!r}")
-    dtype = _resolve_dtype(op, output_dtype, x[0].dtype)
+    xdt = x[0].dtype
+    if any(t.dtype != xdt for t in (*x, *weight)):
+        _fail(op, f"without quantisation every x and weight tensor must have one dtype, got "
+                  f"{sorted({str(t.dtype) for t in (*x, *weight)})}")
+    dtype = _resolve_dtype(op, output_dtype, xdt)
+    if dtype != xdt:                           # op-plugin docs: unquantised output dtype is None or x's dtype
+        _fail(op, f"output_dtype must be None or x's dtype {xdt} without quantisation, got {output_dtype!r}")
+    if bias is not None:
+        if isinstance(bias, torch.Tensor) or not isinstance(bias, Sequence):
+            _fail(op, "bias must be a list of tensors, e.g. [b]")
+        for t in bias:
+            _tensor(op, "bias[i]", t, (_GMM_BIAS_DTYPE[xdt],))
+    for i, t in enumerate(x):
+        if t.dim() < 2:
+            _fail(op, f"x[{i}] must be at least 2-D, got shape {tuple(t.shape)}")
+        if t.stride(-1) != 1 and t.shape[-1] > 1:    # op-plugin docs: x may not be transposed
+            _fail(op, f"x[{i}] {tuple(t.shape)} with strides {t.stride()} is transposed; the kernel reads x "
+                      f"row-major only (call .contiguous())")
+        if t.shape[-1] >= _GMM_INNER_LIMIT:
+            _fail(op, f"x[{i}] inner dim {t.shape[-1]} must be below {_GMM_INNER_LIMIT}")
+    for i, w in enumerate(weight):
+        if w.dim() not in (2, 3):
+            _fail(op, f"weight[{i}] must be 2-D or 3-D, got shape {tuple(w.shape)}")
+        inner = w.shape[-1] if w.stride(-1) == 1 or w.shape[-1] == 1 else w.shape[-2]   # transposed: K
+        if inner >= _GMM_INNER_LIMIT:
+            _fail(op, f"weight[{i}] inner (stride-1) dim {inner} must be below {_GMM_INNER_LIMIT}")
+    if group_list is not None and not isinstance(group_list, torch.Tensor):
+        return _gmm_list_overload(op, x, weight, bias, group_list, split_item, group_type, group_list_type,
+                                  dtype)
     if group_type in (None, -1):
-        return _gmm_ungrouped(op, x, weight, bias, group_list, split_item, dtype)
+        return _gmm_ungrouped(op, x, weight, bias, group_list, split_item, dtype, group_type)
     if group_type == 2:
         raise NotImplementedError(f"{op}: group_type=2 (split K) is not implemented")
     if group_type != 0:
         _fail(op, f"group_type must be None, -1, 0 or 2, got {group_type!r}")
+    if group_list_type == 2:                   # op-plugin docs: [E, 2] pairs only for int8 x and weight
+        _fail(op, "group_list_type=2 ([E, 2] index/size pairs) is supported for int8 inputs only; pass counts (1)")
+    if xdt == torch.float32 and (len(x) > 1 or len(weight) > 1 or split_item == 1):
+        # op-plugin docs: float32 only when x, weight and y are single tensors
+        _fail(op, "float32 inputs need a single x, a single (3-D) weight and a single output (split_item 2/3)")
+    if len(x) > 1:
+        return _gmm_multi_x(op, x, weight, bias, group_list, group_list_type, split_item, dtype)
     return _gmm_grouped_m(op, x, weight, bias, group_list, group_list_type, split_item, dtype)
 
 
-def _gmm_ungrouped(op, x, weight, bias, group_list, split_item, dtype):
-    if group_list is not None:
-        _fail(op, "group_list was given without group_type=0; set group_type=0 to split M by groups")
+def _gmm_bias(op, bias, G, N):
+    """The bias list as one [G, N] float32 tensor (or None)."""
+    if bias is None:
+        return None
+    b = bias[0] if len(bias) == 1 and bias[0].dim() == 2 else torch.stack(list(bias))
+    if tuple(b.shape) != (G, N):
+        _fail(op, f"bias must hold one [N] = [{N}] vector per weight ({G}), got {[tuple(t.shape) for t in bias]}")
+    return b.float()
+
+
+def _gmm_same_n(op, weight):
+    if len({w.shape[-1] for w in weight}) > 1:  # op-plugin docs: one output tensor needs one N
+        _fail(op, f"a single output needs every weight to have the same N, got {[tuple(w.shape) for w in weight]}")
+
+
+def _gmm_pairs(op, x, weight, bias, split_item, dtype):
+    """y_i = x_i @ weight_i (+ bias_i); split_item 2/3 stack them along M into one tensor."""
     if len(x) != len(weight):
         _fail(op, f"without grouping x and weight pair up; got {len(x)} x and {len(weight)} weights")
+    if any(w.dim() != 2 for w in weight):
+        _fail(op, "without grouping each weight must be 2-D [K, N]")
+    if split_item in (2, 3):
+        if any(t.dim() != 2 for t in x):
+            _fail(op, "split_item 2/3 need 2-D x tensors")
+        _gmm_same_n(op, weight)
+    elif len({t.dim() for t in x}) > 1 or x[0].dim() > 6:  # op-plugin docs: one rank, 2-6 dims
+        _fail(op, f"x tensors must share one rank of 2-6 dims, got {[tuple(t.shape) for t in x]}")
+    if bias is not None and (len(bias) != len(weight) or
+                             any(tuple(bi.shape) != (wi.shape[-1],) for bi, wi in zip(bias, weight))):
+        _fail(op, f"bias must hold one [N_i] vector per weight, got {[tuple(t.shape) for t in bias]}")
+    b = bias
     outs = []
     for i, (xi, wi) in enumerate(zip(x, weight)):
-        if wi.dim() != 2 or xi.shape[-1] != wi.shape[0]:
+        if xi.shape[-1] != wi.shape[0]:
             _fail(op, f"x[{i}] {tuple(xi.shape)} @ weight[{i}] {tuple(wi.shape)}: weight must be [K, N] "
                       f"with K = x's last dim")
         y = xi.float() @ wi.float()
-        outs.append(y if bias is None else y + bias[i].float())
+        outs.append(y if b is None else y + b[i].float())
     if split_item in (2, 3):
-        return [torch.cat([o.reshape(-1, o.shape[-1]) for o in outs]).to(dtype)]
+        return [torch.cat(outs).to(dtype)]
     return [o.to(dtype) for o in outs]
 
 
+def _gmm_ungrouped(op, x, weight, bias, group_list, split_item, dtype, group_type):
+    if group_list is not None:
+        _fail(op, "a group_list tensor needs group_type=0 (split M by groups)")
+    if group_type == -1 and split_item not in (0, 1):
+        # op-plugin docs: group_type=-1 is the "many x, many weight, many y" case only
+        _fail(op, f"group_type=-1 returns one output per pair: split_item must be 0 or 1, got {split_item}; "
+                  f"for one stacked output use group_type=None (or 0)")
+    if group_type == -1 and x[0].dtype == torch.float32 and (len(x) > 1 or len(weight) > 1):
+        _fail(op, "float32 inputs need a single x and a single weight")
+    return _gmm_pairs(op, x, weight, bias, split_item, dtype)
+
+
+def _gmm_list_overload(op, x, weight, bias, group_list, split_item, group_type, group_list_type, dtype):
+    """The .List overload: int-list group_list of cumulative row offsets (op-plugin docs, golden test)."""
+    offsets = [operator.index(v) for v in group_list]
+    if group_type is not None or group_list_type not in (0, None):
+        _fail(op, "an int-list group_list (the .List overload) takes group_type=None and cumulative offsets; "
+                  "pass a tensor group_list for group_type=0 / group_list_type=1")
+    if len(offsets) == 1 or any(v < 0 for v in offsets) or any(b < a for a, b in zip(offsets, offsets[1:])):
+        _fail(op, f"an int-list group_list must be non-negative, non-decreasing and not of length 1, got {offsets}")
+    if any(w.dim() != 2 for w in weight) or any(t.dim() != 2 for t in x):
+        _fail(op, "with an int-list group_list x and weight tensors must be 2-D")
+    sizes = [b - a for a, b in zip([0] + offsets, offsets)]
+    if len(x) > 1:                             # several x: the offsets describe their row counts
+        if split_item in (0, 1):
+            _fail(op, "with several x and a group_list, split_item must be 2 or 3")
+        if sizes != [t.shape[0] for t in x]:
+            _fail(op, f"group_list {offsets} must be the cumulative row counts of x {[t.shape[0] for t in x]}")
+        return _gmm_pairs(op, x, weight, bias, split_item, dtype)
+    if len(offsets) != len(weight):
+        _fail(op, f"group_list has {len(offsets)} offsets but there are {len(weight)} weights")
+    xm = x[0]
+    if split_item in (2, 3) and offsets[-1] != xm.shape[0]:
+        _fail(op, f"group_list must end at x's row count {xm.shape[0]}, got {offsets}")
+    if offsets[-1] > xm.shape[0]:
+        _fail(op, f"group_list covers {offsets[-1]} rows but x has only {xm.shape[0]}")
+    parts = list(xm[:offsets[-1]].split(sizes))
+    return _gmm_pairs(op, parts, weight, bias, split_item, dtype)
+
+
+def _gmm_multi_x(op, x, weight, bias, group_list, group_list_type, split_item, dtype):
+    """group_type=0 with several x: x_i @ weight_i stacked along M (op-plugin docs and golden)."""
+    if split_item not in (2, 3):
+        _fail(op, f"group_type=0 with several x returns one stacked output: split_item must be 2 or 3, "
+                  f"got {split_item}")
+    if any(t.dim() != 2 for t in x):
+        _fail(op, "group_type=0 with several x takes 2-D x tensors")
+    ws = list(weight[0]) if len(weight) == 1 and weight[0].dim() == 3 else list(weight)
+    if len(ws) != len(x):
+        _fail(op, f"{len(x)} x tensors need as many weights, got {len(ws)}")
+    if group_list is not None:
+        _tensor(op, "group_list", group_list, INDEX_DTYPES, dims=(1,))
+        if group_list.shape[0] != len(x):
+            _fail(op, f"group_list has {group_list.shape[0]} entries for {len(x)} x tensors")
+        if group_list_type not in (0, 1):
+            _fail(op, f"group_list_type must be 0 (cumulative) or 1 (counts), got {group_list_type!r}")
+        if _eager():
+            rows = torch.tensor([t.shape[0] for t in x], dtype=torch.int64)
+            want = rows.cumsum(0) if group_list_type == 0 else rows
+            if not torch.equal(group_list.cpu().long(), want):
+                _fail(op, f"group_list {group_list.tolist()} must describe the rows of x {rows.tolist()} "
+                          f"({'cumulative' if group_list_type == 0 else 'counts'})")
+    return _gmm_pairs(op, x, ws, bias, split_item, dtype)
+
+
 def _gmm_grouped_m(op, x, weight, bias, group_list, group_list_type, split_item, dtype):
-    if len(x) != 1 or x[0].dim() != 2:
+    if x[0].dim() != 2:
         _fail(op, "group_type=0 takes a single 2-D x: [x of shape [M, K]]")
     xm = x[0]
     if len(weight) == 1 and weight[0].dim() == 3:
         w = weight[0]                                                       # [G, K, N]
+        if w.shape[0] > _GMM_MAX_GROUPS:
+            _fail(op, f"a 3-D weight holds {w.shape[0]} groups; the kernel takes at most {_GMM_MAX_GROUPS}")
     elif all(t.dim() == 2 for t in weight):
+        _gmm_same_n(op, weight)
         w = torch.stack(list(weight))                                       # [G, K, N] (a copy: prefer 3-D)
     else:
         _fail(op, "weight must be [w of shape [G, K, N]] or G tensors of shape [K, N]")
     G, Kd, N = w.shape
     if xm.shape[1] != Kd:
         _fail(op, f"x is [M, {xm.shape[1]}] but each weight is [{Kd}, {N}]")
-    b = None
-    if bias is not None:
-        b = bias[0] if len(bias) == 1 and bias[0].dim() == 2 else torch.stack(list(bias))   # [G, N]
+    b = _gmm_bias(op, bias, G, N)
     M = xm.shape[0]
     ends = _group_ends(op, group_list, group_list_type, G, M, xm.device)
     if _eager() and M > G:
@@ -525,14 +730,18 @@ def _heads_view(op, t, layout, n_heads, name):
 
 
 def _check_seq_lengths(op, lengths, B, S_kv):
+    """The lengths to use: one for all batches, or the first B (FIA docs: a longer list is cut to B)."""
     if isinstance(lengths, torch.Tensor) or not isinstance(lengths, Sequence):
         _fail(op, "actual_seq_lengths_kv must be a list of ints (schema SymInt[]), e.g. kv_len.tolist()")
-    if len(lengths) != 1 and len(lengths) != B:       # (not `in (1, B)`: B may be symbolic)
-        _fail(op, f"actual_seq_lengths_kv has {len(lengths)} entries; expected 1 or B = {B}")
+    if len(lengths) != 1 and len(lengths) < B:       # (not `in (1, B)`: B may be symbolic)
+        _fail(op, f"actual_seq_lengths_kv has {len(lengths)} entries; expected 1 or at least B = {B}")
+    if len(lengths) != 1 and len(lengths) != B:
+        lengths = list(lengths)[:B]
     if _eager():
         for n in lengths:
             if not 0 <= operator.index(n) <= S_kv:
                 _fail(op, f"actual_seq_lengths_kv entry {n} is outside [0, S_kv = {S_kv}]")
+    return lengths
 
 
 def _seq_lengths_mask(lengths, B, S_kv, device):
@@ -544,23 +753,69 @@ def _seq_lengths_mask(lengths, B, S_kv, device):
     return (pos.view(1, S_kv) >= lens.view(B, 1)).view(B, 1, 1, S_kv)
 
 
+def _band_mask(op, pre_tokens, next_tokens, S, S_kv, device):
+    """[S, S_kv] True outside the band i - pre_tokens <= j <= i + next_tokens, or None if it covers everything.
+
+    sparse_mode 0 counts both limits from the top-left corner: query row i and key column j, whatever S and
+    S_kv are (mode 4, not implemented here, counts from the bottom-right).
+    """
+    # CANN sparse-mode reference (docs/zh/context/sparse_mode参数说明.md): a negative next_tokens needs
+    # pre_tokens >= -next_tokens and -next_tokens < S_kv; a negative pre_tokens needs next_tokens >= -pre_tokens
+    # and -pre_tokens < S
+    if next_tokens < 0 and not (pre_tokens >= -next_tokens and -next_tokens < S_kv):
+        _fail(op, f"next_tokens={next_tokens} < 0 needs pre_tokens >= {-next_tokens} and |next_tokens| < "
+                  f"S_kv = {S_kv}; got pre_tokens={pre_tokens}")
+    if pre_tokens < 0 and not (next_tokens >= -pre_tokens and -pre_tokens < S):
+        _fail(op, f"pre_tokens={pre_tokens} < 0 needs next_tokens >= {-pre_tokens} and |pre_tokens| < S = {S}; "
+                  f"got next_tokens={next_tokens}")
+    if pre_tokens >= S - 1 and next_tokens >= S_kv - 1:
+        return None
+    i = torch.arange(S, device=device).view(S, 1)
+    j = torch.arange(S_kv, device=device).view(1, S_kv)
+    return (j > i + next_tokens) | (j < i - pre_tokens)
+
+
+def _full_mask(op, atten_mask, B, S, S_kv):
+    """A user mask of sparse_mode 0/1 as a bool [S, S_kv], [b, 1, S, S_kv] tensor (b = 1 or B)."""
+    m = atten_mask
+    if S == 1 and m.dim() == 2:                # FIA docs, Q_S = 1: (B, KV_S), (B, 1, KV_S), (B, 1, 1, KV_S)
+        m = m.view(m.shape[0], 1, 1, m.shape[1])
+    # FIA docs, Q_S > 1: (Q_S, KV_S), (B or 1, Q_S, KV_S), (B or 1, 1, Q_S, KV_S); both S axes may be padded
+    # up to an aligned length, so only the top-left [S, S_kv] corner is read
+    if m.dim() not in (2, 3, 4) or m.shape[-2] < S or m.shape[-1] < S_kv or \
+            (m.dim() >= 3 and m.shape[0] != 1 and m.shape[0] != B) or (m.dim() == 4 and m.shape[1] != 1):
+        _fail(op, f"atten_mask must be [S, S_kv], [B or 1, S, S_kv] or [B or 1, 1, S, S_kv] with S = {S}, "
+                  f"S_kv = {S_kv} (or padded beyond), got {tuple(m.shape)}")
+    m = m[..., :S, :S_kv].bool()
+    return m.unsqueeze(1) if m.dim() == 3 else m
+
+
 def _attention_mask(op, atten_mask, sparse_mode, pre_tokens, next_tokens, B, N, S, S_kv, device):
-    """Boolean [.., S, S_kv] mask, True = not attended, or None."""
-    if S == 1 and sparse_mode in (2, 3, 4):
-        return None                                    # the incremental kernel ignores sparse modes
+    """Boolean mask broadcastable to [B, N, S, S_kv], True = not attended, or None."""
     if atten_mask is not None:
         _tensor(op, "atten_mask", atten_mask, (torch.bool, torch.int8, torch.uint8))
-    if sparse_mode == 0:
-        if (pre_tokens, next_tokens) != (2147483647, 2147483647):
-            raise NotImplementedError(f"{op}: pre_tokens/next_tokens band limits with sparse_mode=0")
+    if S == 1:
+        # FIA docs: with Q_S = 1 (and no rope inputs) sparse_mode, pre_tokens and next_tokens have no effect
+        if sparse_mode in (2, 3, 4) or atten_mask is None:
+            return None                        # (the compressed causal template means nothing to one row)
+        return _full_mask(op, atten_mask, B, S, S_kv)
+    if sparse_mode not in (0, 1, 2, 3, 4):     # FIA docs: Q_S > 1 supports sparse_mode 0-4, others raise
+        _fail(op, f"sparse_mode must be 0, 1, 2, 3 or 4, got {sparse_mode!r}")
+    if sparse_mode in (0, 1):
         if atten_mask is None:
-            return None
-        m = atten_mask.bool()
-        if tuple(m.shape[-2:]) != (S, S_kv) or m.dim() > 4:
-            _fail(op, f"sparse_mode=0 needs a full mask [.., {S}, {S_kv}], got {tuple(m.shape)}")
-        return m.view(B, 1, S, S_kv) if m.dim() == 3 else m
+            if sparse_mode == 1:               # FIA docs: allMask needs the full [S, S_kv] mask
+                _fail(op, "sparse_mode=1 (allMask) needs a full atten_mask [.., S, S_kv]")
+            return None                        # FIA docs: no mask -> pre/next_tokens are ignored (INT_MAX)
+        m = _full_mask(op, atten_mask, B, S, S_kv)
+        if sparse_mode == 1:
+            return m                           # FIA docs: sparse_mode 1 ignores pre/next_tokens
+        band = _band_mask(op, pre_tokens, next_tokens, S, S_kv, device)
+        return m if band is None else m | band
     if sparse_mode in (2, 3):
-        if atten_mask is None or tuple(atten_mask.shape) != (_FIA_MASK_SIZE, _FIA_MASK_SIZE):
+        # FIA docs: the compressed template is (2048, 2048), (1, 2048, 2048) or (1, 1, 2048, 2048)
+        size = (_FIA_MASK_SIZE, _FIA_MASK_SIZE)
+        if atten_mask is None or tuple(atten_mask.shape[-2:]) != size or \
+                any(d != 1 for d in atten_mask.shape[:-2]) or atten_mask.dim() > 4:
             got = None if atten_mask is None else tuple(atten_mask.shape)
             _fail(op, f"sparse_mode={sparse_mode} needs the compressed causal mask: a "
                       f"{_FIA_MASK_SIZE}x{_FIA_MASK_SIZE} bool tensor, True above the diagonal; got {got}")
@@ -568,7 +823,8 @@ def _attention_mask(op, atten_mask, sparse_mode, pre_tokens, next_tokens, B, N, 
         k = torch.arange(S_kv, device=device).view(1, S_kv)
         shift = 0 if sparse_mode == 2 else S_kv - S    # 2: aligned top-left, 3: aligned bottom-right
         return k > q + shift                                                   # [S, S_kv]
-    raise NotImplementedError(f"{op}: sparse_mode={sparse_mode} is not implemented (0, 2 and 3 are)")
+    raise NotImplementedError(f"{op}: sparse_mode=4 (band from the bottom-right) is not implemented "
+                              f"(0-3 are)")
 
 
 def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_mask=None,
@@ -588,12 +844,23 @@ def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_
 
     - layouts BSH [B, S, N*D], BSND, BNSD; output in the query's layout and dtype;
     - GQA: query head h reads KV head h // (N / Nkv) (num_key_value_heads=0 means Nkv = N);
-    - masks: True = masked. sparse_mode 0 takes a full [.., S, S_kv] mask or None; 2 (top-left causal) and
-      3 (bottom-right causal) take the compressed 2048x2048 template; with S = 1 sparse modes are ignored;
-    - decode: actual_seq_lengths_kv (list of ints, 1 or B entries) limits batch b to cache rows [0, len_b);
-    - the softmax runs in float32 and is cast to the input dtype before the @V (as the golden does).
-    Returns (attention_out, softmax_lse). softmax_lse is float32 [B, N, S, 1] if softmax_lse_flag, else an
-    empty [0] tensor (the sources disagree on this placeholder): **callers must ignore it**.
+    - masks: True = masked. sparse_mode 0 takes a full [.., S, S_kv] mask or None; with a mask it also keeps
+      only the band i - pre_tokens <= j <= i + next_tokens (query row i, key column j, counted from the
+      top-left; without a mask pre/next_tokens are ignored); 1 needs a full mask and ignores the band;
+      2 (top-left causal) and 3 (bottom-right causal) take the compressed 2048x2048 template; with S = 1
+      sparse_mode, pre_tokens and next_tokens have no effect;
+    - decode: actual_seq_lengths_kv (list of ints, 1 or >= B entries, the first B used) limits batch b to cache
+      rows [0, len_b);
+    - the softmax runs in float32 and is cast to the input dtype before the @V (as the golden does); a query row
+      with every key masked gives zeros (the kernel's is undefined unless inner_precise asks for row fixing).
+    Returns (attention_out, softmax_lse). softmax_lse (softmax_lse_flag=True) is float32 [B, N, S, 1]: the
+    log-sum-exp of the scaled, masked scores of each query row, max + log(sum(exp(scores - max))) as the golden
+    computes it; -inf for a row with every key masked (not documented). With the flag off it is an empty [0]
+    tensor (the eager kernel returns an uninitialised [1] one, the newer meta function [0]): **callers must
+    ignore it**.
+    Kernel limits checked (FIA docs, Atlas A2/A3): B <= 65536, N <= 256, D <= 512, N/Nkv <= 64; S > 1: D a
+    multiple of 16 and S, S_kv <= 20971520; S = 1: S_kv <= 262144. (The kernel also takes only fp16/bf16
+    query and key/value; float32 is accepted here so CPU runs can use a float32 yardstick.)
     """
     op = "npu_fused_infer_attention_score"
     _unsupported(op, pse_shift=pse_shift, actual_seq_lengths=actual_seq_lengths, dequant_scale1=dequant_scale1,
@@ -623,11 +890,21 @@ def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
         _fail(op, f"key {tuple(k.shape)} / value {tuple(v.shape)} (as [B, Nkv, S_kv, D]) do not fit "
                   f"query {tuple(q.shape)} (as [B, N, S, D])")
+    # FIA docs (Atlas A2/A3): B <= 65536, N <= 256, D <= 512; Q_S > 1: D % 16 == 0 (fp16/bf16) and
+    # S <= 20971520 (20M); Q_S == 1: KV S <= 262144
+    if B > 65536 or N > 256 or D > 512:
+        _fail(op, f"B = {B}, num_heads = {N}, head dim D = {D} exceed the kernel's limits (B <= 65536, N <= 256, "
+                  f"D <= 512)")
+    if S > 1 and (D % 16 or max(S, S_kv) > 20971520):
+        _fail(op, f"the prompt kernel (S > 1) needs D a multiple of 16 and S, S_kv <= 20971520; got D = {D}, "
+                  f"S = {S}, S_kv = {S_kv}")
+    if S == 1 and S_kv > 262144:
+        _fail(op, f"the incremental kernel (S = 1) takes S_kv <= 262144, got {S_kv}")
     G = N // Nkv
     mask = _attention_mask(op, atten_mask, sparse_mode, pre_tokens, next_tokens, B, N, S, S_kv, q.device)
     lengths = actual_seq_lengths_kv
     if lengths is not None:
-        _check_seq_lengths(op, lengths, B, S_kv)
+        lengths = _check_seq_lengths(op, lengths, B, S_kv)
         if len(lengths) == 1 and mask is None:
             # One length for the whole batch and no other mask: positions past it are never attended,
             # so read only [0, length), as the NPU kernel does (stale rows cannot leak in, not even as
@@ -664,28 +941,38 @@ def npu_apply_rotary_pos_emb(query, key, cos, sin, layout='BSND', rotary_mode='h
     """Rotate-half RoPE, **in place**: x <- x*cos + rotate_half(x)*sin for query and key (npu-ops §9).
 
     Returns (query, key), the same tensor objects, now rotated; like the NPU kernel this writes into the
-    inputs, so code must not reuse their pre-rotation values. Layout "TND" means 3-D tensors; every other
-    string (the recipe passes "BSH") means 4-D, e.g. BSND with cos/sin [B, S, 1, D]. cos/sin must have
-    q/k's dtype. Computed in float32, rounded once. (The NPU also needs D in {64, 128}; not checked here.)
+    inputs, so code must not reuse their pre-rotation values. Layout "TND" means 3-D tensors [T, N, D]; "BNSD"
+    and "SBND" exist but Atlas A2/A3 reject them; every other string (the recipe passes "BSH") means BSND:
+    query [B, S, N, D], key [B, S, Nkv, D], cos/sin [B, S, 1, D] (no broadcasting over B or S). All four share
+    one dtype and a head dim D of 64 or 128. Computed in float32, rounded once.
     """
     op = "npu_apply_rotary_pos_emb"
-    if rotary_mode != "half":
-        raise NotImplementedError(f"{op}: rotary_mode={rotary_mode!r}; Atlas A2/A3 support only 'half'")
-    dims = (3,) if layout == "TND" else (4,)
+    if rotary_mode != "half":                  # apply_rotary_pos_emb docs: A2/A3 support only "half"
+        _fail(op, f"rotary_mode={rotary_mode!r}; Atlas A2/A3 support only 'half' (rotate-half, NeoX style)")
+    if layout in ("BNSD", "SBND"):             # apply_rotary_pos_emb docs: A2/A3 take BSND (4-D) and TND (3-D)
+        _fail(op, f"layout={layout!r} is not supported on Atlas A2/A3; use 'BSND' ([B, S, N, D]; 'BSH' maps "
+                  f"to it) or 'TND'")
+    tnd = layout == "TND"
+    dims = (3,) if tnd else (4,)
     for name, t in (("query", query), ("key", key), ("cos", cos), ("sin", sin)):
         _tensor(op, name, t, FLOAT_DTYPES, dims=dims)
+        if t.numel() == 0:                     # aclnnApplyRotaryPosEmbV2: no empty tensors
+            _fail(op, f"{name} is empty (shape {tuple(t.shape)})")
     if not query.dtype == key.dtype == cos.dtype == sin.dtype:
         _fail(op, f"query, key, cos and sin must share one dtype, got {query.dtype}, {key.dtype}, "
                   f"{cos.dtype}, {sin.dtype} (build the cos/sin tables in the model dtype)")
     D = query.shape[-1]
-    if D % 2 or key.shape[-1] != D or cos.shape != sin.shape or cos.shape[-1] != D:
-        _fail(op, f"last dims must all equal an even D: query {tuple(query.shape)}, key {tuple(key.shape)}, "
-                  f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
-    for t in (query, key):
-        try:
-            torch.broadcast_shapes(cos.shape, t.shape)
-        except RuntimeError:
-            _fail(op, f"cos/sin {tuple(cos.shape)} do not broadcast to {tuple(t.shape)} (layout {layout!r})")
+    if D not in (64, 128) or key.shape[-1] != D or cos.shape[-1] != D:
+        # apply_rotary_pos_emb docs (A2/A3): query/key D equal and 64 or 128, cos/sin D the same
+        _fail(op, f"head dim D must be 64 or 128 and equal in query, key, cos and sin; got query "
+                  f"{tuple(query.shape)}, key {tuple(key.shape)}, cos {tuple(cos.shape)}")
+    lead = 1 if tnd else 2                     # the [T] or [B, S] axes, equal in all four tensors
+    want = tuple(query.shape[:lead]) + (1, D)
+    if cos.shape != sin.shape or tuple(cos.shape) != want or tuple(key.shape[:lead]) != tuple(query.shape[:lead]):
+        form = "[T, 1, D]" if tnd else "[B, S, 1, D]"
+        _fail(op, f"cos/sin must both be {form} = {list(want)} and key must share query's leading dims; got "
+                  f"query {tuple(query.shape)}, key {tuple(key.shape)}, cos {tuple(cos.shape)}, "
+                  f"sin {tuple(sin.shape)} (layout {layout!r})")
     c, s = cos.float(), sin.float()
     for t in (query, key):
         t32 = t.float()

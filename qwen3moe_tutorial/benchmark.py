@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,9 @@ def measure_step(step: str, model_path: str, prompt_ids: list[int], new_tokens: 
     """Generate `new_tokens` greedily `repeats` times with the ladder up to `step`; the best median."""
     job = {"model_path": model_path, "upto": step, "dtype": dtype, "device_kind": device_kind, "max_len": max_len,
            "prompt_ids": prompt_ids, "max_new_tokens": new_tokens, "eos_token_id": None}
-    saved = {k: os.environ.get(k) for k, _ in recipe_upto(step).env}
-    os.environ.update(launcher_env(recipe_upto(step)))   # as the launcher does (the aiv step)
+    env = launcher_env(recipe_upto(step), device_kind)   # as the launcher does (the aiv step; HCCL on an NPU)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         return _measure(step, job, model_path, prompt_ids, new_tokens, tp, dtype, device_kind, repeats, count_ops,
                         max_len)
@@ -65,7 +67,9 @@ def ladder_table(model_path: str, prompt_ids: list[int], upto: str | None = None
                  **kwargs) -> list[dict]:
     """One measured row per step from hf_baseline to `upto`, each with `tokens_ok` against hf_baseline."""
     last = STEP_NAMES.index(upto or STEP_NAMES[-1])
-    rows = [measure_step(s, model_path, prompt_ids, new_tokens, **kwargs) for s in STEP_NAMES[: last + 1]]
+    with warnings.catch_warnings():       # one process compiles several steps: their caches are
+        warnings.filterwarnings("ignore", message="not storing", category=UserWarning)   # never written
+        rows = [measure_step(s, model_path, prompt_ids, new_tokens, **kwargs) for s in STEP_NAMES[: last + 1]]
     for row in rows:
         row["tokens_ok"] = row["token_ids"] == rows[0]["token_ids"]
     return rows

@@ -278,7 +278,7 @@ class CachedGraphRunner(GraphRunner):
         try:
             with open(path) as f:
                 manifest = json.load(f)
-            files = {k: v for k, v in _tree_digest(self.cache_dir).items() if k != MANIFEST}
+            files = self._checked_files()
             if manifest["fields"] != self.fields[1]:
                 raise ValueError("its key fields differ from this run's")
             if manifest["files"] != files:
@@ -290,6 +290,15 @@ class CachedGraphRunner(GraphRunner):
                               f"rebuilding it", stacklevel=3)
             shutil.rmtree(self.cache_dir, ignore_errors=True)
             return False
+
+    def _checked_files(self) -> dict[str, str]:
+        """The files the manifest vouches for, with their sha256: every file of an inductor cache; on an
+        NPU torchair's compiled modules only (GE keeps and validates its own cache beside them and may
+        update it when it loads a graph, which must not make our manifest look corrupt)."""
+        files = {k: v for k, v in _tree_digest(self.cache_dir).items() if k != MANIFEST}
+        if self.device_kind == "npu":
+            files = {k: v for k, v in files.items() if os.path.basename(k) == "compiled_module"}
+        return files
 
     def _torchair_loaded(self) -> bool:
         """After the first call on an NPU: did torchair load a cached graph (True) or compile and
@@ -319,7 +328,7 @@ class CachedGraphRunner(GraphRunner):
                           f"incomplete; the next fresh process will write it", stacklevel=2)
             shutil.rmtree(self.cache_dir, ignore_errors=True)
             return
-        files = {k: v for k, v in _tree_digest(self.cache_dir).items() if k != MANIFEST}
+        files = self._checked_files()
         if not files:                                       # nothing was written: no cache to offer
             warnings.warn(f"the compiler wrote nothing to {self.cache_dir}; it will not be reused", stacklevel=2)
             return

@@ -297,7 +297,10 @@ class Qwen3MoeModel(nn.Module):
         The cast must come after the move: `npu_format_cast` of a CPU tensor is a no-op. Which weights
         are cast is declared by each part (`nz_weights`); the router, norms and embedding stay ND, and
         float32 linear weights stay ND as in the recipe's linear layers (grouped-matmul experts are
-        cast in any dtype). Off the NPU the layout is the checkpoint's; values never change."""
+        cast in any dtype). One difference: the recipe also transposes its linear weights to
+        [in, out] for `torch.matmul`; ours keep the checkpoint's [out, in] for `F.linear`, which hands
+        the NPU's matmul the same weight as a transposed operand (vllm-ascend casts [out, in] linear
+        weights to NZ the same way). Off the NPU the layout is the checkpoint's; values never change."""
         self.to(device)
         if torch.device(device).type != "npu":
             return self

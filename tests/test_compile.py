@@ -191,3 +191,20 @@ def test_cached_graph_skips_guards_only_while_it_is_the_only_graph(tmp_path, tin
     skipped.clear()
     assert greedy_generate(a, PROMPT, 12).token_ids == hf_tokens   # two graphs now: guards choose
     assert skipped == []
+
+
+def test_npu_manifest_vouches_for_torchairs_compiled_module_only(tmp_path):
+    """On an NPU the manifest covers torchair's compiled_module files; GE's own cache beside them may
+    change when GE loads a graph, and must not make a good cache look corrupt. Elsewhere: every file."""
+    torchair_dir = tmp_path / "torchair" / "Qwen3MoeModel_dynamic_gecache_0123" / "decode"
+    torchair_dir.mkdir(parents=True)
+    (torchair_dir / "compiled_module").write_bytes(b"graph")
+    (torchair_dir.parent / "ge_cache.idx").write_bytes(b"ge index")
+    runner = compile_py.CachedGraphRunner.__new__(compile_py.CachedGraphRunner)
+    runner.cache_dir = str(tmp_path)
+    runner.device_kind = "npu"
+    assert list(runner._checked_files()) == [os.path.join("torchair", "Qwen3MoeModel_dynamic_gecache_0123", "decode",
+                                                          "compiled_module")]
+    assert runner._torchair_saved() == [str(torchair_dir / "compiled_module")]
+    runner.device_kind = "cpu"
+    assert len(runner._checked_files()) == 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import inspect
@@ -252,6 +253,7 @@ class CachedGraphRunner(GraphRunner):
         self.fields = cache_key(self.model, self.options.get("steps", ()), self.device_kind,
                                 self.options.get("npu_mode", "max-autotune"))
         self.cache_dir = os.path.join(root, self.fields[0], f"rank{self.model.tp.rank}")
+        self._take_lock()                   # released once the cache is stored (after_first_call)
         self.cache_hit = self._verify()
         os.makedirs(self.cache_dir, exist_ok=True)
         if self.device_kind == "npu":
@@ -312,7 +314,22 @@ class CachedGraphRunner(GraphRunner):
         root = os.path.join(self.cache_dir, "torchair")
         return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f == "compiled_module"]
 
+    def _take_lock(self) -> None:
+        """One process at a time per key and rank, from checking the cache to storing it: a second
+        process started at once waits, then loads what the first stored (instead of clearing a
+        directory the first is still writing, or writing a manifest over half its files)."""
+        os.makedirs(os.path.dirname(self.cache_dir), exist_ok=True)
+        self._lock = open(self.cache_dir + ".lock", "w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+
     def after_first_call(self) -> None:
+        try:
+            self._store()
+        finally:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+
+    def _store(self) -> None:
         if self.device_kind == "npu":
             self.cache_hit = self._torchair_loaded()
         if self.cache_hit:

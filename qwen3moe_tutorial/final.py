@@ -25,6 +25,7 @@ from .weights import Checkpoint, CheckpointError, cache_root, default_checkpoint
 DEFAULT_PROMPT = "The Ascend NPU decodes one token at a time."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CPU_DEFAULT_TP = 2        # gloo ranks on a CPU: enough to exercise every collective, cheap on 2 cores
+DEFAULT_MAX_SEQ_LEN = 512   # a fixed cache size by default: another prompt length keeps the compiled graph
 
 
 class UsageError(ValueError):
@@ -41,8 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-ids", help="comma-separated prompt token ids instead of --prompt "
                    "(for checkpoints without tokenizer files)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
-    p.add_argument("--max-seq-len", type=int, default=512,
-                   help="KV-cache capacity in positions; prompt + new tokens must fit (default: %(default)s)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help=f"KV-cache capacity in positions; prompt + new tokens must fit (default: {DEFAULT_MAX_SEQ_LEN}, "
+                        f"or prompt + new tokens if more, capped by the model's max_position_embeddings)")
     p.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel size (default: torchrun's world size; else every NPU/GPU here; on a "
                         f"CPU {CPU_DEFAULT_TP} gloo ranks when the config allows; 1 for steps before attention_tp)")
@@ -145,7 +147,13 @@ def run(args: argparse.Namespace) -> dict | None:
     prompt_ids, tokenizer = encode_prompt(args, model_path)
     if any(not 0 <= i < cfg.vocab_size for i in prompt_ids):
         raise UsageError(f"prompt token ids must lie in [0, {cfg.vocab_size}); got {prompt_ids}")
-    if len(prompt_ids) + args.max_new_tokens > args.max_seq_len:
+    needed = len(prompt_ids) + args.max_new_tokens
+    if args.max_seq_len is None:                     # a default never makes a valid model fail
+        if needed > cfg.max_position_embeddings:
+            raise UsageError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) "
+                             f"exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})")
+        args.max_seq_len = min(cfg.max_position_embeddings, max(DEFAULT_MAX_SEQ_LEN, needed))
+    if needed > args.max_seq_len:
         raise UsageError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) "
                          f"exceeds the KV-cache capacity --max-seq-len ({args.max_seq_len})")
     if args.max_seq_len > cfg.max_position_embeddings:

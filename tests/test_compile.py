@@ -208,3 +208,21 @@ def test_npu_manifest_vouches_for_torchairs_compiled_module_only(tmp_path):
     assert runner._torchair_saved() == [str(torchair_dir / "compiled_module")]
     runner.device_kind = "cpu"
     assert len(runner._checked_files()) == 2
+
+
+def test_two_processes_started_at_once_share_one_cache(tmp_path, tiny_ckpt, hf_tokens):
+    """Same key, same cache directory, started together: both give HF's tokens, and the cache they
+    leave is valid (the next process loads it without a warning)."""
+    cache = tmp_path / "cache"
+    args = ["--model-path", tiny_ckpt, "--upto", "compile_cache", "--compile-cache", str(cache), "--tp", "1",
+            "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "12", "--max-seq-len", "64"]
+    procs = [subprocess.Popen([sys.executable, "-m", "qwen3moe_tutorial.final", *args, "--json", str(tmp_path / f"{i}.json")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    runs = [json.load(open(tmp_path / f"{i}.json")) for i in range(2)]
+    assert all(r["token_ids"] == hf_tokens for r in runs)
+    assert sorted(r["compile_cache_hit"] for r in runs) == [False, True]     # one compiled, the other waited
+    assert not any("unusable" in err for _, err in outs)
+    third = run_final(*args, "--json", str(tmp_path / "third.json"))
+    assert "unusable" not in third.stderr and json.load(open(tmp_path / "third.json"))["compile_cache_hit"] is True

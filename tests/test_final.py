@@ -166,3 +166,21 @@ def test_npu_launch_env_is_not_left_behind_without_an_npu(monkeypatch):
     assert final.resolve_device("auto", final.recipe_upto("aiv")) == "cpu"
     assert seen["HCCL_CONNECT_TIMEOUT"] == "1200" and seen["TASK_QUEUE_ENABLE"] == "2"   # set before detection
     assert not set(final.platform.NPU_LAUNCH_ENV) & set(os.environ)
+
+
+def test_max_seq_len_default_fits_a_short_context_model(tmp_path, tiny_ckpt, capsys):
+    short = shutil.copytree(tiny_ckpt, tmp_path / "short")
+    cfg = json.load(open(short / "config.json"))
+    json.dump({**cfg, "max_position_embeddings": 256}, open(short / "config.json", "w"))
+    out = tmp_path / "r.json"
+    assert final.main(["--model-path", str(short), "--upto", "reference", "--tp", "1", "--max-new-tokens", "4",
+                       "--json", str(out)]) == 0                               # no --max-seq-len: fits 256
+    assert json.load(open(out))["max_seq_len"] == 256
+    capsys.readouterr()
+    one_line_error(capsys, ["--model-path", str(short), "--upto", "reference", "--max-new-tokens", "300"],
+                   "max_position_embeddings (256)")
+    one_line_error(capsys, ["--model-path", str(short), "--max-seq-len", "512"], "max_position_embeddings (256)")
+    long = tmp_path / "long.json"                                              # more than the default 512
+    assert final.main(["--model-path", tiny_ckpt, "--upto", "reference", "--tp", "1", "--max-new-tokens", "600",
+                       "--ignore-eos", "--prompt-ids", "1,2", "--json", str(long)]) == 0
+    assert json.load(open(long))["max_seq_len"] == 602

@@ -1,6 +1,6 @@
 """Measuring the ladder: per step, the tokens (vs hf_baseline), decode ms/token and operators/token.
 
-- One protocol for every number in the book (design.md section 7): batch 1, fixed prompt,
+- One protocol for every number in the book (generate.py's timing protocol): batch 1, fixed prompt,
   synchronised clock reads, the median decode step, best of a few repeats, compile excluded.
 - `ladder_table` is the cumulative table the chapters grow one row at a time; the benchmark
   script (scripts/benchmark.py) writes the same rows, with provenance, to results/*.json.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -30,18 +31,9 @@ def measure_step(step: str, model_path: str, prompt_ids: list[int], new_tokens: 
     """Generate `new_tokens` greedily `repeats` times with the ladder up to `step`; the best median."""
     job = {"model_path": model_path, "upto": step, "dtype": dtype, "device_kind": device_kind, "max_len": max_len,
            "prompt_ids": prompt_ids, "max_new_tokens": new_tokens, "eos_token_id": None}
-    env = launcher_env(recipe_upto(step), device_kind)   # as the launcher does (the aiv step; HCCL on an NPU)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with mock.patch.dict(os.environ, launcher_env(recipe_upto(step), device_kind)):   # as the launcher does
         return _measure(step, job, model_path, prompt_ids, new_tokens, tp, dtype, device_kind, repeats, count_ops,
                         max_len)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _measure(step, job, model_path, prompt_ids, new_tokens, tp, dtype, device_kind, repeats, count_ops, max_len):

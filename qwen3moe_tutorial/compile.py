@@ -39,7 +39,7 @@ MANIFEST = "manifest.json"
 
 # ---- compiling -----------------------------------------------------------------------------------
 def npu_compiler_config(mode: str = "max-autotune"):
-    """torchair's CompilerConfig as the recipe sets it (npu-ops.md section 11)."""
+    """torchair's CompilerConfig as the recipe sets it (cann-recipes-infer `runner_qwen3_moe.py`, `graph_compile`)."""
     from torch_npu.dynamo import torchair
 
     config = torchair.CompilerConfig()
@@ -309,11 +309,6 @@ class CachedGraphRunner(GraphRunner):
         inner = getattr(self.compiled, "_compiled_model", None)
         return inner is not None and type(inner).__name__ != "ModelCacheSaver"
 
-    def _torchair_saved(self) -> list[str]:
-        """The compiled-module files torchair wrote under this cache directory."""
-        root = os.path.join(self.cache_dir, "torchair")
-        return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f == "compiled_module"]
-
     def _take_lock(self) -> None:
         """One process at a time per key and rank, from checking the cache to storing it: a second
         process started at once waits, then loads what the first stored (instead of clearing a
@@ -334,12 +329,6 @@ class CachedGraphRunner(GraphRunner):
             self.cache_hit = self._torchair_loaded()
         if self.cache_hit:
             return
-        if self.device_kind == "npu" and not self._torchair_saved():
-            warnings.warn(f"torchair saved no compiled module under {self.cache_dir} (it saves one only when "
-                          f"dynamo recorded the compiled method's own code, and drops it after a recompile); "
-                          f"the next run will compile again", stacklevel=2)
-            shutil.rmtree(self.cache_dir, ignore_errors=True)
-            return
         if _compiles_in_process > 1:      # kernels already in memory were not written out: incomplete
             warnings.warn(f"not storing {self.cache_dir}: this process compiled before, so the cache could be "
                           f"incomplete; the next fresh process will write it", stacklevel=2)
@@ -347,7 +336,11 @@ class CachedGraphRunner(GraphRunner):
             return
         files = self._checked_files()
         if not files:                                       # nothing was written: no cache to offer
-            warnings.warn(f"the compiler wrote nothing to {self.cache_dir}; it will not be reused", stacklevel=2)
+            why = ("torchair saved no compiled module (it saves one only when dynamo recorded the compiled "
+                   "method's own code, and drops it after a recompile)" if self.device_kind == "npu"
+                   else "the compiler wrote nothing")
+            warnings.warn(f"{why} under {self.cache_dir}; the next run will compile again", stacklevel=2)
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
             return
         tmp = os.path.join(self.cache_dir, f".{MANIFEST}.{os.getpid()}")
         with open(tmp, "w") as f:

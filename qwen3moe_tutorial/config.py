@@ -222,7 +222,7 @@ PRESETS: dict[str, ModelConfig] = {
     "deep": ModelConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=48, num_attention_heads=8,
                         num_key_value_heads=4, head_dim=64, num_experts=128, num_experts_per_tok=8,
                         moe_intermediate_size=64, max_position_embeddings=2048, name="deep"),
-    # The released models (config.json values; design.md section 9).
+    # The released models (their config.json values; the book's chapter 0 lists them).
     "qwen3-30b-a3b": ModelConfig(vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
                                  num_attention_heads=32, num_key_value_heads=4, head_dim=128,
                                  num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,

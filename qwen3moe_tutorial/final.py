@@ -1,4 +1,4 @@
-"""The runnable reference: `python -m qwen3moe_tutorial.final` (CLI and JSON contract: design.md section 6).
+"""The runnable reference: `python -m qwen3moe_tutorial.final` (CLI and JSON contract: README, "The result JSON").
 
 - Loads a Hugging Face Qwen3-MoE checkpoint (or the embedded default), builds the ladder up to
   `--upto`, generates greedily, prints the text, and writes a result record with provenance.

@@ -2,7 +2,7 @@
 
 - Each class subclasses the previous step's part and routes its math through
   `qwen3moe_tutorial.ops`, with torch_npu's signatures: the NPU kernels on an A3, the pure-PyTorch
-  references elsewhere. The calls are the A3 recipe's (npu-ops.md sections 2-10).
+  references elsewhere. The calls are the A3 recipe's (cann-recipes-infer `models/qwen3_moe/`; the book's appendix on fused operators).
 - Weights change layout once, at load time: experts become [E, in, out] for grouped matmul
   (`grouped_matmul_weight`), cast to FRACTAL_NZ once they are on an NPU (`Qwen3MoeModel.to_device`).
 - Not here: graph capture (compile.py) and anything that changes numerics beyond op rounding.

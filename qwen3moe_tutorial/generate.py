@@ -1,4 +1,4 @@
-"""Greedy generation under the book's timing protocol (design.md section 7).
+"""Greedy generation under the book's timing protocol (README, "The result JSON").
 
 - A runner is anything with `prefill(ids [B, S]) -> logits [B, V]` and
   `decode(ids [B, 1], pos: int) -> logits [B, V]`: our model (any step) or Hugging Face's.

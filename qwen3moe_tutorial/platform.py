@@ -88,7 +88,7 @@ def now_ms(kind: str) -> float:
 
 
 def versions() -> dict:
-    """Versions that a result record must name (timing protocol, design.md section 7)."""
+    """Versions that a result record must name (the timing protocol of `generate.py`)."""
     import transformers
 
     out = {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -112,8 +112,8 @@ def _cann_version() -> str | None:
     return None
 
 
-# What the recipe's launcher sets on an A3 node (npu-ops.md section 12 is the team's note; the
-# recipe's executor/scripts/function.sh and model_setting.py are the source): HCCL builds its links
+# What the recipe's launcher sets on an A3 node (cann-recipes-infer `executor/scripts/function.sh`
+# and `models/qwen3_moe/models/model_setting.py`): HCCL builds its links
 # at the first collective with a 120 s default timeout, shorter than ranks may drift apart while each
 # loads tens of GB; TASK_QUEUE_ENABLE=2 is the recipe's task queue for GE graph mode; the expandable
 # allocator avoids fragmentation across the KV cache and weights. The user's own settings win.

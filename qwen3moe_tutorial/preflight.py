@@ -25,6 +25,7 @@ from safetensors import safe_open
 
 from . import ops, parallel, platform
 from .config import ConfigError, ModelConfig, preset
+from .final import UsageError, resolve_device
 from .ops import reference
 from .parallel import TP
 from .steps import Recipe, check_parallel, launcher_env, recipe_upto
@@ -62,6 +63,7 @@ class Node:
     dtype: torch.dtype
     max_seq_len: int
     hbm: list = field(default_factory=list)      # (free, total) bytes per visible NPU
+    user_env: tuple = ()                         # launcher variables the user had set before the launch
     requirements: str = REQUIREMENTS
 
 
@@ -194,7 +196,7 @@ def check_memory(node: Node) -> Row:
 # ---- 4. launcher environment ---------------------------------------------------------------------
 def check_launcher_env(node: Node) -> Row:
     env = launcher_env(node.recipe, node.device_kind)
-    mine = sorted(k for k in env if k in os.environ)
+    mine = sorted(k for k in env if k in node.user_env)
     numbers = {"env": env, "user_set": mine}
     detail = ", ".join(f"{k}={v}" + (" (yours)" if k in mine else "") for k, v in sorted(env.items())) or "none"
     timeout = os.environ.get("HCCL_CONNECT_TIMEOUT")
@@ -324,7 +326,6 @@ def check_allreduce(node: Node) -> Row:
     world = min(node.tp, len(node.hbm)) if node.tp > 1 else len(node.hbm)
     if world < 2:
         return Row("all-reduce", "skipped", f"{world} NPU: an all-reduce needs at least 2")
-    platform.apply_env(launcher_env(node.recipe, "npu"))     # the workers start with the launcher's environment
     try:
         out = parallel.spawn(parallel.allreduce_benchmark, world, ([8192], 50, 5, torch.bfloat16, "npu"),
                              device_kind="npu", timeout_s=300)
@@ -404,10 +405,6 @@ def format_table(rows: list[Row], status_width: int = 50, detail_width: int = 70
                      for a, b, c in itertools.zip_longest(name, status, detail, fillvalue=""))
 
 
-class UsageError(ValueError):
-    """Arguments that describe no run this package can do."""
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m qwen3moe_tutorial.preflight",
                                 description="Check this node before a long run: one row per check, exit 1 on a FAIL.")
@@ -421,10 +418,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace) -> Node:
     """Resolve the defaults and reject arguments no run could use (UsageError, ConfigError, ...)."""
-    kind = platform.detect_device()
+    recipe = recipe_upto()
+    user_env = tuple(k for k in launcher_env(recipe, "npu") if k in os.environ)
+    kind = resolve_device("auto", recipe)         # the launch's own environment, set before torch_npu starts
     ckpt = Checkpoint(args.model_path or default_checkpoint())
     ckpt.validate()
-    cfg, recipe = ckpt.config, recipe_upto()
+    cfg = ckpt.config
     hbm = [torch.npu.mem_get_info(i) for i in range(torch.npu.device_count())] if kind == "npu" else []
     tp = args.tp if args.tp is not None else max(len(hbm), 1)
     problem = _split_problem(recipe, cfg, tp)
@@ -437,7 +436,7 @@ def prepare(args: argparse.Namespace) -> Node:
     if args.max_seq_len is not None and not 1 <= args.max_seq_len <= limit:
         raise UsageError(f"--max-seq-len {args.max_seq_len} must lie in [1, {limit}] (max_position_embeddings)")
     dtype = DTYPES[args.dtype or ("bfloat16" if kind == "npu" else "float32")]
-    return Node(kind, ckpt, recipe, tp, dtype, args.max_seq_len or min(512, limit), hbm)
+    return Node(kind, ckpt, recipe, tp, dtype, args.max_seq_len or min(512, limit), hbm, user_env=user_env)
 
 
 def _split_problem(recipe: Recipe, cfg: ModelConfig, tp: int) -> str | None:

@@ -1,6 +1,6 @@
 """An analytic model of one batch-1 decode token: bytes read, collectives, operator launches.
 
-- Counts per-RANK bytes for tensor parallelism as laid out by the recipe (npu-ops.md section 14):
+- Counts per-RANK bytes for tensor parallelism as laid out by the recipe (cann-recipes-infer `module/linear.py`; chapters 3-5):
   q/o and experts split over ranks, K/V heads replicated when tp > Nkv, router and norms
   replicated, embedding/lm_head split by vocabulary. Only the K activated experts are counted.
 - Predicts decode latency as memory + collectives + dispatch, each term from explicit,
@@ -11,7 +11,7 @@
 Accounting (GB = 1e9 bytes, BF16): "weights read per token" is every weight a decode token
 touches -- attention q/k/v/o, router, the K activated experts, all norm gammas, ONE embedding row
 and the full lm_head -- which equals `ModelConfig.param_counts()["activated_per_token"]` * 2.
-That gives design.md section 9's figures: 235B 43.1 GB total, 5.58 GB/rank at TP=8, 2.94 GB at
+That gives the figures of chapter 0: 235B 43.1 GB total, 5.58 GB/rank at TP=8, 2.94 GB at
 TP=16; 30B 6.08 GB total, 0.81 GB/rank at TP=8. Qwen's names ("A22B", "A3B") count the whole
 embedding table as activated (21.6e9 + 0.62e9 = 22.2e9 parameters for 235B); a decode token
 reads one row of it, so it is not in our bytes. Per rank, one embedding row is counted (the
@@ -51,8 +51,9 @@ class Hardware:
 HARDWARE: dict[str, Hardware] = {
     "a3-die": Hardware(
         "a3-die", memory_bytes=64e9, bandwidth_Bps=1.6e12, peak_bf16_flops=390e12, devices_per_package=2,
-        source="design.md section 9: one Atlas A3 die has 64 GB HBM at ~1.6 TB/s; an A3 card (Ascend 910C "
-               "package) = 2 dies = 2 devices, 128 GB, ~3.2 TB/s. BF16 peak: press reports of ~780 TFLOPS "
+        source="SGLang's Ascend NPU reference (A3: 16 devices, 2 dies per card, 64 GB per die); 1.6 TB/s per "
+               "die = half of the 910C package's ~3.2 TB/s (TechPowerUp citing DigiTimes); an A3 card = 2 dies = "
+               "2 devices, 128 GB. BF16 peak: press reports of ~780 TFLOPS "
                "per 910C package (TechPowerUp/DigiTimes, 2025), halved per die -- not a Huawei datasheet."),
     "h100-sxm": Hardware(
         "h100-sxm", memory_bytes=80e9, bandwidth_Bps=3.35e12, peak_bf16_flops=989e12, devices_per_package=1,
@@ -212,7 +213,7 @@ def collectives_per_token(cfg: ModelConfig, tp: int, dtype_bytes: int = 2) -> di
 
 
 # ---- operator launches ---------------------------------------------------------------------------
-# The recipe's fused decode layer (npu-ops.md section 14), one kernel each; views are free.
+# The recipe's fused decode layer (cann-recipes-infer `modeling_qwen3_moe.py`), one kernel each; views are free.
 FUSED_LAYER_OPS: tuple[str, ...] = (
     "add_rms_norm (input)", "merged qkv matmul", "q_norm rms_norm", "k_norm rms_norm",
     "apply_rotary_pos_emb", "k cache scatter_update", "v cache scatter_update",
@@ -243,7 +244,7 @@ class Range:
 
 ALLREDUCE_US: dict[str, Range] = {
     "AI_CPU": Range(20.0, 30.0, 40.0, "assumption: small (8 KB) HCCL all-reduce orchestrated on the device's "
-                    "AI CPU, A3's default HCCL_OP_EXPANSION_MODE (npu-ops.md section 12); chapter 11 measures it"),
+                    "AI CPU, A3's default HCCL_OP_EXPANSION_MODE (CANN's HCCL_OP_EXPANSION_MODE doc); chapter 11 measures it"),
     "AIV": Range(3.0, 5.0, 8.0, "assumption: the same all-reduce orchestrated and executed on the Vector cores "
                  "(HCCL_OP_EXPANSION_MODE=AIV, the recipe's setting); chapter 11 measures it"),
 }
@@ -351,9 +352,9 @@ def step_ops_per_token(step: str, cfg: ModelConfig, measured: dict[str, float], 
 def predict_ladder(cfg: ModelConfig, tp: int, measured_ops: dict[str, float], measured_cfg: ModelConfig,
                    hw: Hardware | str = "a3-die", dtype_bytes: int = 2, which: str = "mid",
                    steps: tuple[str, ...] | None = None) -> list[dict]:
-    """A predicted decode latency for every ladder step (design.md section 2) on `tp` devices.
+    """A predicted decode latency for every ladder step (`steps.STEPS`) on `tp` devices.
 
-    What each step changes in the model (npu-ops.md sections 11-14):
+    What each step changes in the model (chapters 3-11):
     - hf_baseline, reference: one device, eager, no collectives;
     - attention_tp, merged_qkv: attention split over tp; every rank still runs the whole MoE
       (it reads the K activated experts in full); one all-reduce per layer (+ embedding, lm_head);

@@ -1,4 +1,4 @@
-"""The optimization ladder: one ordered table of named steps (design.md section 2).
+"""The optimization ladder: one ordered table of named steps (README, the book's table of contents).
 
 - A step is one small function `Recipe -> Recipe` that swaps one unit (a model part, the engine).
   "Up to step k" folds steps 1..k, so every step includes the ones before it.

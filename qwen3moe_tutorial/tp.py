@@ -2,7 +2,7 @@
 
 - Each class subclasses one reference part (model.py), reads only this rank's slices of the
   checkpoint, and adds its collective as a visible call with its bytes per token.
-- Head placement follows the A3 recipe (npu-ops.md section 14): N_r = N / tp query heads per rank,
+- Head placement follows the A3 recipe (cann-recipes-infer `module/linear.py`, chapter 3): N_r = N / tp query heads per rank,
   Nkv_r = max(Nkv // tp, 1) KV heads, replicated (rank r uses KV head r // (tp / Nkv)) when tp > Nkv.
 - Fused weights (wqkv, w13) are built from the logical tensors after slicing each one, so the
   shard of a fused weight is always [q_r | k_r | v_r] or [gate_r | up_r].

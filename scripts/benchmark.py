@@ -4,7 +4,7 @@
     python scripts/benchmark.py --preset mini --tp 8 --steps aiv
     python scripts/benchmark.py --preset deep --tp 1            # the overhead-bound preset
 
-Protocol (design.md section 7): float32, batch 1, a fixed prompt, N new tokens, the device
+Protocol (qwen3moe_tutorial.generate): float32, batch 1, a fixed prompt, N new tokens, the device
 synchronised before each clock read, decode = median step after the first, best of --repeats
 runs, compile time recorded separately. --threads sets torch's thread count for every
 measurement, the read-bandwidth probes included (default: torch's own, one per core). Each

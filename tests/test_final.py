@@ -1,4 +1,4 @@
-"""The CLI contract (design.md section 6) and its errors, against an independent HF `generate`."""
+"""The CLI contract (README, "The main job") and its errors, against an independent HF `generate`."""
 import json
 import os
 import shutil

@@ -2,7 +2,7 @@
 (D = 128, E = 128, K = 8). Skipped where torch_npu or an NPU is missing; run with `pytest -m npu`.
 
 Tolerances: bf16/fp16 1e-2 relative, fp32 1e-4; integer outputs (routing indices, counts) must be equal.
-These tests also settle what npu-ops.md leaves open: FIA's GQA head mapping and top-k tie order.
+These tests also settle what torch_npu's docs leave open: FIA's GQA head mapping and top-k tie order.
 """
 import math
 
@@ -84,7 +84,7 @@ def test_gating_top_k_softmax(dtype):
 
 def test_gating_tie_order_lower_id_first():
     _, idx, _ = ops.npu_moe_gating_top_k_softmax(torch.zeros(2, E, dtype=torch.bfloat16, device=DEV), k=K)
-    assert idx.cpu().tolist() == [list(range(K))] * 2                      # npu-ops §15.2
+    assert idx.cpu().tolist() == [list(range(K))] * 2                      # ties: lower id first, as the CPU golden sorts
 
 
 def test_init_routing_v2_recipe_call():
@@ -178,7 +178,7 @@ def test_fia_decode_static_cache_with_lengths_and_gqa_mapping():
               actual_seq_lengths_kv=lengths)
     out, _ = ops.npu_fused_infer_attention_score(*on_npu(q, k, v), **kw)
     close(out, R.npu_fused_infer_attention_score(q, k, v, **kw)[0], LOW)
-    # V = KV-head id everywhere: query head h must read KV head h // (N / Nkv)  (npu-ops §15.1)
+    # V = KV-head id everywhere: query head h must read KV head h // (N / Nkv)  (HF's repeat_kv convention)
     v_id = torch.arange(NKV, dtype=torch.bfloat16).repeat_interleave(D).expand(B, S_MAX, NKV * D).contiguous()
     out, _ = ops.npu_fused_infer_attention_score(*on_npu(q, k, v_id), **kw)
     heads = out.cpu().view(B, N, D)[:, :, 0].float()

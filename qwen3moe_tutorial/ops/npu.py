@@ -3,7 +3,7 @@
 - torch_npu is imported only when an NPU kernel is first needed (through platform.torch_npu_module), so this
   module imports fine on a machine without it.
 - No adapter code: the references in reference.py take exactly torch_npu's arguments, so a call is passed
-  through unchanged. `torch_npu.X` is an alias of `torch.ops.npu.X` (npu-ops §0).
+  through unchanged. `torch_npu.X` is an alias of `torch.ops.npu.X` (torch_npu's `utils/custom_ops.py`).
 """
 from __future__ import annotations
 

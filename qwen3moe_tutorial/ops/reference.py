@@ -1,7 +1,9 @@
 """Pure-PyTorch reference kernels for the torch_npu fused ops of the Qwen3-MoE decode recipe.
 
 - One function per op, with torch_npu 2.13.0's name, parameters, defaults, return tuple, shapes and dtypes
-  (reference/npu-ops.md; tests/test_npu_conformance.py checks the signatures against the wheel's schemas).
+  (tests/test_npu_conformance.py checks the signatures against the wheel's schemas). Semantics and limits come
+  from torch_npu's op docs and Ascend's CPU golden tests (Ascend/op-plugin `docs/context/torch_npu-<op>.md`,
+  `test/test_custom_ops/test_<op>.py`); the book's appendix "The fused operators" explains each op.
 - Numerics follow Ascend's CPU golden functions: compute in float32, round once to the output dtype.
 - Only what the recipe needs: quantisation, paged KV caches and drop/pad routing raise NotImplementedError.
 - What the NPU kernels reject on Atlas A2/A3 (head dims, layouts, dtypes, list and group counts, index ranges),
@@ -84,7 +86,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- activation and norms
 
 def npu_swiglu(self, dim=-1):
-    """SwiGLU: split `self` in halves A | B along `dim`, return silu(A) * B (npu-ops §1).
+    """SwiGLU: split `self` in halves A | B along `dim`, return silu(A) * B.
 
     In the recipe A is the gate (w1) and B the up (w3) projection: `[T*K, 2*I_r] -> [T*K, I_r]`.
     Computed in float32 and rounded once to the input dtype (the swiglu golden computes in fp32).
@@ -117,7 +119,7 @@ def _rms_norm(op, x, gamma, epsilon):
 
 
 def npu_rms_norm(self, gamma, epsilon=1e-06):
-    """RMSNorm over the last gamma.dim() axes: y = x * rsqrt(mean(x^2) + eps) * gamma (npu-ops §7).
+    """RMSNorm over the last gamma.dim() axes: y = x * rsqrt(mean(x^2) + eps) * gamma.
 
     Returns (y, rstd): y has x's shape and dtype; rstd is float32 with shape x.shape[:-g] + (1,)*g.
     Everything, the gamma multiply included, runs in float32 with one final rounding (HF rounds twice).
@@ -131,7 +133,7 @@ def npu_rms_norm(self, gamma, epsilon=1e-06):
 def npu_add_rms_norm(x1, x2, gamma, epsilon=1e-06):
     """Residual add fused with RMSNorm: x = x1 + x2 (rounded to the input dtype), then the RMSNorm of x.
 
-    Returns (y, rstd, x): **the third output is the sum**, i.e. the new residual stream (npu-ops §7).
+    Returns (y, rstd, x): **the third output is the sum**, i.e. the new residual stream.
     x1, x2 and gamma share one dtype; inputs are 1-8-D.
     """
     op = "npu_add_rms_norm"
@@ -149,7 +151,7 @@ def npu_add_rms_norm(x1, x2, gamma, epsilon=1e-06):
 # ---------------------------------------------------------------- MoE routing
 
 def npu_moe_gating_top_k_softmax(x, finished=None, k=1):
-    """Softmax over all E experts, then the top k (npu-ops §2, §16).
+    """Softmax over all E experts, then the top k.
 
     Returns (y [T, k] x.dtype, expert_idx [T, k] int32, row_idx [T, k] int32), T = all leading dims.
     - probabilities are computed in float32, rounded to x's dtype, then ranked by a stable descending sort,
@@ -178,7 +180,7 @@ def npu_moe_gating_top_k_softmax(x, finished=None, k=1):
 
 
 def npu_moe_init_routing(x, row_idx, expert_idx, active_num):
-    """Permute token rows so that rows of the same expert are contiguous (v1, npu-ops §3a).
+    """Permute token rows so that rows of the same expert are contiguous (v1).
 
     Inputs: x [N, H]; row_idx [N, K] int32 in the **k-major** layout j*N + i (gating's third output);
     expert_idx [N, K] int32. Rows are sorted stably by expert id over the row-major flattening.
@@ -244,7 +246,7 @@ def npu_moe_init_routing_v2(x, expert_idx, *, scale=None, offset=None, active_nu
                             expert_num=-1, drop_pad_mode=0, expert_tokens_num_type=0,
                             expert_tokens_num_flag=False, quant_mode=-1, active_expert_range=(),
                             row_idx_type=0, x_dtype=None):
-    """Permute token rows by expert, with **row-major** source ids t*K + k (v2, npu-ops §3b, §16).
+    """Permute token rows by expert, with **row-major** source ids t*K + k (v2).
 
     x [T, H], expert_idx [T, K] int32. Rows are sorted stably by expert id; experts below the active
     range go last, experts at or above its end sort after the in-range ones (and, like them, by id).
@@ -318,7 +320,7 @@ def npu_moe_init_routing_v2(x, expert_idx, *, scale=None, offset=None, active_nu
 
 
 def npu_moe_compute_expert_tokens(sorted_expert_for_source_row, num_expert):
-    """Cumulative end offset of each expert in a sorted expert list (npu-ops §4).
+    """Cumulative end offset of each expert in a sorted expert list.
 
     out[e] = number of entries <= e, i.e. searchsorted(sorted, e, side="right"); [num_expert] int32.
     Example: [0, 0, 0, 1, 1, 2] with 3 experts -> [3, 5, 6]. Feed it to grouped matmul as group_list_type=0.
@@ -339,7 +341,7 @@ def npu_moe_compute_expert_tokens(sorted_expert_for_source_row, num_expert):
 
 def npu_moe_finalize_routing(expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row,
                              export_for_source_row, drop_pad_mode=0, k=1):
-    """Un-permute expert outputs and take the weighted sum over each token's K experts (npu-ops §5, §16).
+    """Un-permute expert outputs and take the weighted sum over each token's K experts.
 
     out[t] = skip1[t] + skip2[t] + sum_j scales[t, j] * (rows[idx(t, j)] + bias[export_for_source_row[t, j]])
     with idx(t, j) = expanded_src_to_dst_row[j*T + t] for drop_pad_mode 0 (k-major, init_routing v1) or
@@ -496,7 +498,7 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
                        activation_quant_scale=None, activation_quant_offset=None, split_item=0, group_type=None,
                        group_list_type=0, act_type=0, tuning_config=None, output_dtype=None, x_dtype=None,
                        weight_dtype=None, scale_dtype=None, per_token_scale_dtype=None):
-    """Grouped matmul over lists of tensors (npu-ops §6). Returns a list of tensors.
+    """Grouped matmul over lists of tensors. Returns a list of tensors.
 
     - group_type=0 (split M), one x [M, K]: weight = [w [G, K, N]] (or G tensors [K, N]); rows
       ends[g-1]:ends[g] of x use w[g], ends = cumsum(group_list) for group_list_type=1 (counts) or group_list
@@ -840,7 +842,7 @@ def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_
                                     num_key_value_heads=0, sparse_mode=0, inner_precise=0, block_size=0,
                                     antiquant_mode=0, key_antiquant_mode=0, value_antiquant_mode=0,
                                     softmax_lse_flag=False):
-    """softmax(scale * Q K^T + mask) V over a batch, prefill or decode (npu-ops §8, §16).
+    """softmax(scale * Q K^T + mask) V over a batch, prefill or decode.
 
     - layouts BSH [B, S, N*D], BSND, BNSD; output in the query's layout and dtype;
     - GQA: query head h reads KV head h // (N / Nkv) (num_key_value_heads=0 means Nkv = N);
@@ -938,7 +940,7 @@ def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_
 # ---------------------------------------------------------------- rotary embedding and KV cache
 
 def npu_apply_rotary_pos_emb(query, key, cos, sin, layout='BSND', rotary_mode='half'):
-    """Rotate-half RoPE, **in place**: x <- x*cos + rotate_half(x)*sin for query and key (npu-ops §9).
+    """Rotate-half RoPE, **in place**: x <- x*cos + rotate_half(x)*sin for query and key.
 
     Returns (query, key), the same tensor objects, now rotated; like the NPU kernel this writes into the
     inputs, so code must not reuse their pre-rotation values. Layout "TND" means 3-D tensors [T, N, D]; "BNSD"
@@ -982,7 +984,7 @@ def npu_apply_rotary_pos_emb(query, key, cos, sin, layout='BSND', rotary_mode='h
 
 def scatter_update_(self, indices, updates, axis):
     """In-place KV-cache write: for each batch b, self[b] along `axis` at indices[b] .. indices[b]+L-1 is
-    overwritten by updates[b], L = updates.shape[axis] (npu-ops §10). Returns `self`.
+    overwritten by updates[b], L = updates.shape[axis]. Returns `self`.
 
     The recipe writes k/v [B, q_len, Nkv*D] into the cache [B, S_max, Nkv*D] with axis=-2 at kv_len.
     Each batch may use a different position. The NPU does not bounds-check; this reference raises.
@@ -1017,7 +1019,7 @@ def scatter_update_(self, indices, updates, axis):
 
 
 def npu_scatter_nd_update_(self, indices, updates):
-    """In-place scatter-ND: self[indices[i, :a]] = updates[i], with indices [n, a] (npu-ops §10, HEAD path).
+    """In-place scatter-ND: self[indices[i, :a]] = updates[i], with indices [n, a] (the recipe's newer paged cache).
 
     updates has shape indices.shape[:-1] + self.shape[a:]; e.g. a paged cache [slots, Nkv, D] with
     slot_mapping.view(-1, 1). Returns `self`.
@@ -1037,7 +1039,7 @@ def npu_scatter_nd_update_(self, indices, updates):
 
 
 def npu_format_cast(self, acl_format, *, customize_dtype=None, input_dtype=None):
-    """Change a tensor's internal NPU memory format (29 = FRACTAL_NZ for matmul weights; npu-ops §0).
+    """Change a tensor's internal NPU memory format (29 = FRACTAL_NZ for matmul weights).
 
     The logical shape and values do not change, so off the NPU this returns `self` unchanged.
     """

@@ -1,63 +1,98 @@
-"""Measuring the ladder: per step, the tokens (vs hf_baseline), decode ms/token and operators/token.
+"""Measuring the ladder: per step, the tokens (vs the ladder's first step), decode ms/token and operators/token.
 
 - One protocol for every number in the book (generate.py's timing protocol): batch 1, fixed prompt,
-  synchronised clock reads, the median decode step, best of a few repeats, compile excluded.
+  synchronised clock reads, the median decode step, best of a few repeats (`best_of_repeats`),
+  compile excluded. Ladder steps (`measure_step`) and the Hugging Face peers (`measure_peer`) go
+  through the same best-of-repeats function, so their rows compare like for like.
 - `ladder_table` is the cumulative table the chapters grow one row at a time; the benchmark
   script (scripts/benchmark.py) writes the same rows, with provenance, to results/*.json.
-- Single-rank measurements in-process; multi-rank ones through parallel.run_on_ranks.
-- `TARGETS` / `target_checks`: the finished system's CPU targets, checked against measured summaries.
+- Single-rank measurements in-process; multi-rank ones through launch.run (the one launch path).
+- `TARGETS` / `summarize` / `target_checks`: the finished system's CPU targets, the summary against
+  the memory floor and the peers that they are checked against, and the checks.
 - `gemv_bandwidth`: how fast one-row matmuls stream weights, library kernels vs inductor's (chapter 9).
 """
 from __future__ import annotations
 
-import os
 import time
 import warnings
-from unittest import mock
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from . import parallel, roofline
+from . import launch, roofline
 from .compile import DecodeGEMV
 from .generate import greedy_generate
+from .platform import torch_device
 from .profile import ops_per_token, profile_decode
-from .steps import STEP_NAMES, build_runner, generate_on_rank, launcher_env, recipe_upto
+from .steps import STEP_NAMES, recipe_upto
+
+# The two Hugging Face peers of the benchmark: transformers as a user runs it (eager experts,
+# DynamicCache), and at its fastest here (grouped_mm experts, StaticCache, torch.compile'd decode).
+HF_EAGER, HF_BEST = PEERS = ("hf_eager", "hf_best")
+
+
+def best_of_repeats(generate: Callable[[], dict], repeats: int) -> dict:
+    """Call `generate` (one greedy generation, as `Generation.to_dict()`) `repeats` times in a row;
+    return the timing fields of a result row: tokens, prefill and decode times of the run with the
+    lowest median decode step, and `first_decode_ms` / `compile_s` of run 1, the one that compiled
+    (later runs in the same process reuse the graph, so theirs would hide the cost)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    runs = [generate() for _ in range(repeats)]
+    best = min(runs, key=lambda r: float("inf") if r["decode_ms_per_token"] is None else r["decode_ms_per_token"])
+    return {"token_ids": list(best["token_ids"]), "prefill_ms": best["prefill_ms"],
+            "decode_ms_per_token": best["decode_ms_per_token"], "decode_ms": best["decode_ms"],
+            "first_decode_ms": runs[0]["first_decode_ms"], "compile_s": runs[0]["compile_s"]}
 
 
 def measure_step(step: str, model_path: str, prompt_ids: list[int], new_tokens: int = 16, *, tp: int = 1,
                  dtype: torch.dtype = torch.float32, device_kind: str = "cpu", repeats: int = 3,
                  count_ops: bool = True, max_len: int = 128) -> dict:
-    """Generate `new_tokens` greedily `repeats` times with the ladder up to `step`; the best median."""
-    job = {"model_path": model_path, "upto": step, "dtype": dtype, "device_kind": device_kind, "max_len": max_len,
-           "prompt_ids": prompt_ids, "max_new_tokens": new_tokens, "eos_token_id": None}
-    with mock.patch.dict(os.environ, launcher_env(recipe_upto(step), device_kind)):   # as the launcher does
-        return _measure(step, job, model_path, prompt_ids, new_tokens, tp, dtype, device_kind, repeats, count_ops,
-                        max_len)
-
-
-def _measure(step, job, model_path, prompt_ids, new_tokens, tp, dtype, device_kind, repeats, count_ops, max_len):
+    """Generate `new_tokens` greedily `repeats` times with the ladder up to `step` (`best_of_repeats`).
+    TP 1 runs in this process, one runner for every repeat, under the launcher's environment;
+    TP > 1 launches the ranks once per repeat (`launch.run`). Operators per token: TP 1 only."""
+    recipe = recipe_upto(step)
     if tp == 1:
-        from .platform import torch_device
         device = torch_device(device_kind)
-        runner = build_runner(recipe_upto(step), model_path, dtype=dtype, device=device, max_len=max_len)
-        runs = [greedy_generate(runner, prompt_ids, new_tokens, device_kind, device=device).to_dict()
-                for _ in range(repeats)]
-        n_ops = ops_per_token(profile_decode(runner, prompt_ids, steps=2, warmup=1, device=device))[0] \
-            if count_ops else None
+        with launch.launch_environment(recipe, device_kind):       # what the launcher would set
+            runner = launch.build_runner(recipe, model_path, dtype=dtype, device=device, max_len=max_len)
+            timed = best_of_repeats(lambda: greedy_generate(runner, prompt_ids, new_tokens, device_kind,
+                                                            device=device).to_dict(), repeats)
+            n_ops = ops_per_token(profile_decode(runner, prompt_ids, steps=2, warmup=1, device=device))[0] \
+                if count_ops else None
     else:
-        runs = [parallel.run_on_ranks(generate_on_rank, tp, (job,), device_kind) for _ in range(repeats)]
-        n_ops = None
-    best = min(runs, key=lambda r: r["decode_ms_per_token"] or float("inf"))
-    return {"step": step, "tp": tp, "token_ids": best["token_ids"], "prefill_ms": best["prefill_ms"],
-            "decode_ms_per_token": best["decode_ms_per_token"], "decode_ms": best["decode_ms"],
-            "first_decode_ms": runs[0]["first_decode_ms"], "compile_s": runs[0]["compile_s"],   # run 1 compiled
-            "ops_per_token": n_ops}
+        job = launch.GenerationJob(model_path, prompt_ids, new_tokens, upto=step, tp=tp, device_kind=device_kind,
+                                   dtype=dtype, max_len=max_len)
+        timed, n_ops = best_of_repeats(lambda: launch.run(job), repeats), None
+    return {"step": step, "tp": tp, **timed, "ops_per_token": n_ops}
+
+
+def measure_peer(kind: str, model_path: str, prompt_ids: list[int], new_tokens: int = 16, repeats: int = 3,
+                 max_len: int = 128, device_kind: str = "cpu") -> dict:
+    """One Hugging Face peer (`PEERS`), measured like a ladder step (`best_of_repeats`), as a row
+    of the same shape: `HF_EAGER` with transformers' per-expert loop, `HF_BEST` with grouped_mm
+    experts and a compiled decode (compiled from scratch, like our graph steps). Single device."""
+    from .hf import HFCompiledRunner, HFRunner, load_hf_model
+
+    if kind not in PEERS:
+        raise ValueError(f"unknown peer {kind!r}; the peers are {', '.join(PEERS)}")
+    device = torch_device(device_kind)
+    if kind == HF_EAGER:
+        runner = HFRunner(load_hf_model(model_path, device=device, experts_implementation="eager"),
+                          device_kind=device_kind)
+    else:
+        runner = HFCompiledRunner(load_hf_model(model_path, device=device, experts_implementation="grouped_mm"),
+                                  max_len=max_len, device_kind=device_kind)
+    timed = best_of_repeats(lambda: greedy_generate(runner, prompt_ids, new_tokens, device_kind,
+                                                    device=device).to_dict(), repeats)
+    return {"step": kind, "tp": 1, **timed, "ops_per_token": None}
 
 
 def ladder_table(model_path: str, prompt_ids: list[int], upto: str | None = None, new_tokens: int = 16,
                  **kwargs) -> list[dict]:
-    """One measured row per step from hf_baseline to `upto`, each with `tokens_ok` against hf_baseline."""
+    """One measured row per step from the first (transformers' own) to `upto`, each with
+    `tokens_ok` against the first."""
     last = STEP_NAMES.index(upto or STEP_NAMES[-1])
     with warnings.catch_warnings():       # one process compiles several steps: their caches are
         warnings.filterwarnings("ignore", message="not storing", category=UserWarning)   # never written
@@ -83,6 +118,33 @@ TARGETS = {
     "mini": {"x_floor_at_most": 1.5, "speedup_vs_hf_eager_at_least": 1.5, "speedup_vs_hf_best_at_least": 1.5},
     "deep": {"speedup_vs_hf_eager_at_least": 3.0, "speedup_vs_hf_best_at_least": 2.0},
 }
+
+
+def summarize(meta: dict, rows: list[dict], bytes_per_token: int, bandwidth_probes: list[float]) -> dict:
+    """The benchmark's summary record (what `target_checks` reads): `meta` (preset, tp, provenance),
+    the memory floor (`bytes_per_token` over the best of `bandwidth_probes`, in bytes/s: the best
+    probe is the least disturbed one) and, per measured row, its decode ms/token, how many times
+    the floor it is (`x_floor`), whether its tokens match the reference (HF eager, else the
+    ladder's first step; None without either) and its speedup over each peer that was measured."""
+    bandwidth = max(bandwidth_probes)
+    floor_ms = bytes_per_token / bandwidth * 1e3
+    reference_tokens = next((r["token_ids"] for r in rows if r["step"] in (HF_EAGER, STEP_NAMES[0])), None)
+    summary = {**meta, "read_bandwidth_GBps": bandwidth / 1e9, "bytes_per_token": bytes_per_token,
+               "read_bandwidth_probes_GBps": [round(b / 1e9, 2) for b in bandwidth_probes],
+               "read_bandwidth_method": f"torch.sum over 256 MiB of float32, best of 10, {torch.get_num_threads()} "
+                                        f"threads, before the first step and after each; the best probe counts",
+               "floor_ms": floor_ms, "rows": []}
+    for r in rows:
+        ms = r["decode_ms_per_token"]
+        entry = {"step": r["step"], "decode_ms_per_token": ms, "compile_s": r["compile_s"],
+                 "ops_per_token": r["ops_per_token"], "x_floor": None if ms is None else ms / floor_ms,
+                 "tokens_ok": None if reference_tokens is None else r["token_ids"] == reference_tokens}
+        for peer in PEERS:
+            base = next((q["decode_ms_per_token"] for q in rows if q["step"] == peer), False)
+            if base is not False:          # a peer that was measured (its time may be None: one token)
+                entry[f"speedup_vs_{peer}"] = None if base is None or not ms else base / ms
+        summary["rows"].append(entry)
+    return summary
 
 
 def target_checks(summary: dict, step: str | None = None) -> list[dict]:

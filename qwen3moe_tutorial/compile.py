@@ -138,9 +138,12 @@ def private_inductor_cache() -> str:
 class GraphRunner(ModelRunner):
     """Eager prefill; decode through a graph compiled on its first call (timed as compile_s)."""
 
-    def __init__(self, model, device_kind: str = "cpu", **options):
-        super().__init__(model)
-        self.device_kind, self.options = device_kind, options
+    def __init__(self, model, *, device_kind: str = "cpu", bytes_read: int | None = None,
+                 steps: tuple[str, ...] = (), compile_cache: str | None = None, npu_mode: str = "max-autotune"):
+        super().__init__(model, device_kind=device_kind, bytes_read=bytes_read)
+        self.steps = steps                      # the recipe's steps: part of the compile cache's key
+        self.compile_cache = compile_cache or os.path.join(cache_root(), "compile")   # CachedGraphRunner's
+        self.npu_mode = npu_mode                # GE graph ("max-autotune") or ACL graph ("reduce-overhead")
         self.compiled = None
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -165,7 +168,7 @@ class GraphRunner(ModelRunner):
 
     def compile(self):
         fresh_compile_state(private_inductor_cache())
-        return compile_decode(self.model, self.device_kind, self.options.get("npu_mode", "max-autotune"))
+        return compile_decode(self.model, self.device_kind, self.npu_mode)
 
     def after_first_call(self) -> None:
         pass
@@ -249,10 +252,8 @@ class CachedGraphRunner(GraphRunner):
             return super().decode(ids, pos)
 
     def compile(self):
-        root = self.options.get("compile_cache") or os.path.join(cache_root(), "compile")
-        self.fields = cache_key(self.model, self.options.get("steps", ()), self.device_kind,
-                                self.options.get("npu_mode", "max-autotune"))
-        self.cache_dir = os.path.join(root, self.fields[0], f"rank{self.model.tp.rank}")
+        self.fields = cache_key(self.model, self.steps, self.device_kind, self.npu_mode)
+        self.cache_dir = os.path.join(self.compile_cache, self.fields[0], f"rank{self.model.tp.rank}")
         self._take_lock()                   # released once the cache is stored (after_first_call)
         self.cache_hit = self._verify()
         os.makedirs(self.cache_dir, exist_ok=True)
@@ -266,11 +267,10 @@ class CachedGraphRunner(GraphRunner):
         from torch_npu.dynamo import torchair
 
         torchair.patch_for_hcom()
-        mode = self.options.get("npu_mode", "max-autotune")
-        return torchair.inference.cache_compile(self.model.decode, config=npu_compiler_config(mode), dynamic=True,
+        return torchair.inference.cache_compile(self.model.decode, config=npu_compiler_config(self.npu_mode), dynamic=True,
                                                 cache_dir=os.path.join(self.cache_dir, "torchair"),
                                                 global_rank=self.model.tp.rank, tp_rank=self.model.tp.rank,
-                                                ge_cache=mode != "reduce-overhead")
+                                                ge_cache=self.npu_mode != "reduce-overhead")
 
     def _verify(self) -> bool:
         """True if the directory holds a complete cache for exactly this key; else clear it."""

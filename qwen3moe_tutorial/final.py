@@ -8,24 +8,23 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform as _platform
-import subprocess
 import sys
 
 import torch
 
-from . import parallel, platform
+from . import launch, parallel, platform
 from .config import ConfigError, ModelConfig
-from .steps import STEP_NAMES, check_parallel, generate_on_rank, launcher_env, recipe_upto
+from .model import DEFAULT_MAX_LEN as DEFAULT_MAX_SEQ_LEN
+from .platform import git_commit  # noqa: F401  (part of this module's interface since the first release)
+from .roofline import hardware
+from .steps import STEP_NAMES, check_parallel, first_step, recipe_upto
 from .weights import Checkpoint, CheckpointError, cache_root, default_checkpoint
 
 DEFAULT_PROMPT = "The Ascend NPU decodes one token at a time."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CPU_DEFAULT_TP = 2        # gloo ranks on a CPU: enough to exercise every collective, cheap on 2 cores
-DEFAULT_MAX_SEQ_LEN = 512   # a fixed cache size by default: another prompt length keeps the compiled graph
 
 
 class UsageError(ValueError):
@@ -47,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"or prompt + new tokens if more, capped by the model's max_position_embeddings)")
     p.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel size (default: torchrun's world size; else every NPU/GPU here; on a "
-                        f"CPU {CPU_DEFAULT_TP} gloo ranks when the config allows; 1 for steps before attention_tp)")
+                        f"CPU {CPU_DEFAULT_TP} gloo ranks when the config allows; 1 for steps before "
+                        f"{first_step('tensor_parallel').name})")
     p.add_argument("--upto", choices=STEP_NAMES, default=STEP_NAMES[-1],
                    help="last step of the ladder to enable (default: all, %(default)s)")
     p.add_argument("--device", choices=("auto", *platform.DEVICE_KINDS), default="auto")
@@ -61,8 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("max_new_tokens", "max_seq_len", "tp"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.compile_cache and STEP_NAMES.index(args.upto) < STEP_NAMES.index("compile_cache"):
-        p.error(f"--compile-cache needs the compile_cache step, but --upto {args.upto} stops before it")
+    if args.compile_cache and not recipe_upto(args.upto).cached_graph:
+        p.error(f"--compile-cache needs the {first_step('cached_graph').name} step, but --upto {args.upto} "
+                f"stops before it")
     return args
 
 
@@ -89,7 +90,7 @@ def default_tp(recipe, cfg, device_kind: str) -> int:
     """torchrun's world size; else one rank per visible NPU/GPU; else a few gloo ranks on a CPU."""
     if parallel.launched_by_torchrun():
         return int(os.environ["WORLD_SIZE"])
-    if "attention_tp" not in recipe.steps:
+    if not recipe.tensor_parallel:
         return 1
     size = platform.device_count(device_kind) if device_kind != "cpu" else CPU_DEFAULT_TP
     try:
@@ -99,48 +100,26 @@ def default_tp(recipe, cfg, device_kind: str) -> int:
     return size
 
 
-def git_commit() -> str | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
-
-
 def default_dtype(device_kind: str) -> str:
     """bfloat16 on an accelerator (the recipe's dtype; 235B in float32 does not fit a die even at
     TP 16), float32 on a CPU (the reference for the token-equality proofs)."""
     return "float32" if device_kind == "cpu" else "bfloat16"
 
 
-def resolve_device(requested: str, recipe) -> str:
-    """The device kind, with the launcher's environment in place before torch_npu starts: the
-    recipe's HCCL / task-queue / allocator settings are read when the NPU runtime initialises, so on
-    a machine with torch_npu they are set before it is imported, and taken back if no NPU is used."""
-    added = {}
-    if requested in ("auto", "npu") and platform.torch_npu_installed():
-        added = platform.apply_env(launcher_env(recipe, "npu"))
+def resolve_device(requested: str) -> str:
+    """The device kind for `--device`; one clear error when the requested accelerator is missing.
+    (The launcher's NPU environment goes in just before torch_npu is imported: platform.torch_npu_module.)"""
     try:
-        device_kind, problem = platform.detect_device(requested), None
+        return platform.detect_device(requested)
     except RuntimeError as e:                        # e.g. --device npu without an NPU
-        device_kind, problem = None, e
-    if device_kind != "npu":
-        for k in added:
-            os.environ.pop(k, None)
-    if problem is not None:
-        raise UsageError(str(problem))
-    platform.apply_env(launcher_env(recipe, device_kind))   # before any process group exists (aiv step)
-    return device_kind
+        raise UsageError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> dict | None:
     """Everything after argument parsing; returns the result record (None on torchrun ranks > 0)."""
     model_path = args.model_path or default_checkpoint()
     recipe = recipe_upto(args.upto)
-    device_kind = resolve_device(args.device, recipe)
+    device_kind = resolve_device(args.device)
     args.dtype = args.dtype or default_dtype(device_kind)
     cfg = ModelConfig.from_pretrained(model_path)                      # fails first, and clearly
     Checkpoint(model_path, cfg).validate()        # headers and shapes of every shard, before any rank starts
@@ -161,33 +140,32 @@ def run(args: argparse.Namespace) -> dict | None:
                          f"({cfg.max_position_embeddings})")
     args.tp = args.tp or default_tp(recipe, cfg, device_kind)
     check_parallel(recipe, cfg, args.tp)
-    job = {"model_path": model_path, "upto": args.upto, "dtype": DTYPES[args.dtype], "device_kind": device_kind,
-           "max_len": args.max_seq_len, "prompt_ids": prompt_ids, "max_new_tokens": args.max_new_tokens,
-           "eos_token_id": None if args.ignore_eos else getattr(tokenizer, "eos_token_id", None),
-           "compile_cache": args.compile_cache or os.path.join(cache_root(), "compile"),
-           "profile_dir": os.path.abspath(args.profile) if args.profile else None,
-           "progress": sys.stderr.isatty()}
-    gen = parallel.run_on_ranks(generate_on_rank, args.tp, (job,), device_kind)
+    job = launch.GenerationJob(
+        model_path=model_path, prompt_ids=prompt_ids, max_new_tokens=args.max_new_tokens, upto=args.upto,
+        tp=args.tp, device_kind=device_kind, dtype=DTYPES[args.dtype], max_len=args.max_seq_len,
+        eos_token_id=None if args.ignore_eos else getattr(tokenizer, "eos_token_id", None),
+        compile_cache=args.compile_cache or os.path.join(cache_root(), "compile"),
+        profile_dir=os.path.abspath(args.profile) if args.profile else None, progress=sys.stderr.isatty())
+    gen = launch.run(job)
     if gen is None:                                  # torchrun rank > 0: rank 0 reports
         return None
     devices = args.tp if device_kind != "cpu" else 0
-    return {
+    record = {
         "token_ids": gen["token_ids"], "text": tokenizer.decode(gen["token_ids"]) if tokenizer else None,
         "prompt": None if args.prompt_ids else args.prompt, "prompt_token_ids": prompt_ids,
         **{k: gen[k] for k in ("prefill_ms", "decode_ms_per_token", "decode_ms", "first_decode_ms",
                                "compile_s", "bytes_read_per_rank", "compile_cache_hit", "profile")},
         "steps": list(recipe.steps), "upto": args.upto, "engine": recipe.engine,
         "world_size": args.tp, "tp": args.tp, "devices": devices,
-        "cards": devices / 2 if device_kind == "npu" else None,        # an A3 card holds 2 dies
-        "compile_cache": job["compile_cache"] if "compile_cache" in recipe.steps else None,
-        "launcher": "torchrun" if parallel.launched_by_torchrun() else ("spawn" if args.tp > 1 else "single"),
-        "device": device_kind, "dtype": args.dtype, "model_path": os.path.abspath(model_path),
-        "max_new_tokens": args.max_new_tokens, "max_seq_len": args.max_seq_len,
-        "env": platform.relevant_env(), "versions": platform.versions(), "commit": git_commit(),
-        "host": {"hostname": _platform.node(), "machine": _platform.machine(), "cpus": os.cpu_count(),
-                 "torch_threads": torch.get_num_threads(), "rank0_cpu_affinity": gen.get("cpu_affinity")},
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cards": devices / hardware("a3-die").devices_per_package if device_kind == "npu" else None,
     }
+    record.update(compile_cache=job.compile_cache if recipe.cached_graph else None,
+                  launcher="torchrun" if parallel.launched_by_torchrun() else ("spawn" if args.tp > 1 else "single"),
+                  device=device_kind, dtype=args.dtype, model_path=os.path.abspath(model_path),
+                  max_new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len)
+    record.update(platform.provenance(env=gen["env"]))            # commit, versions, env, host, timestamp
+    record["host"]["rank0_cpu_affinity"] = gen["cpu_affinity"]
+    return record
 
 
 def main(argv=None) -> int:

@@ -34,6 +34,43 @@ def grouped_matmul_weight(w: torch.Tensor) -> torch.Tensor:
     return w.transpose(1, 2)
 
 
+# Added to the top-k sum before dividing, as the recipe does: a row whose top-k probabilities all
+# round to 0 (low precision, extreme logits) would otherwise divide 0/0 and turn the whole token NaN.
+RENORM_EPS = 1e-20
+
+
+def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
+    """Router logits [T, E] -> top-k weights [T, K], expert ids [T, K] int32 and the k-major row_idx
+    [T, K] int32 (v1's init_routing takes it, v2 ignores it). The weights are renormalised outside
+    the op, as the recipe does."""
+    weights, experts, row_idx = ops.npu_moe_gating_top_k_softmax(logits, None, k=top_k)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
+    return weights, experts, row_idx
+
+
+def moe_v2(x: torch.Tensor, logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
+           norm_topk_prob: bool) -> torch.Tensor:
+    """The recipe's MoE chain on this rank, before the all-reduce: x [T, H] and router logits [T, E],
+    experts w13 [E, H, 2*I_r] and w2 [E, I_r, H] -> [T, H], this rank's partial sum.
+
+    gating top-k softmax -> init_routing_v2 (row-major, counts) -> grouped matmul -> swiglu ->
+    grouped matmul -> finalize_routing (drop_pad_mode 2). `FusedRoutingGMM.forward` and the op
+    tests (CPU references, torch.compile, NPU kernels) all run this one function."""
+    T, E, K = x.shape[0], logits.shape[-1], top_k
+    weights, experts, _ = route(logits, K, norm_topk_prob)                 # [T, K]
+    rows, row_of, counts, _ = ops.npu_moe_init_routing_v2(                 # rows [T*K, H] by expert
+        x, experts, active_num=T * K, expert_num=E, expert_tokens_num_type=1,
+        expert_tokens_num_flag=True, active_expert_range=[0, E], quant_mode=-1)
+    gate_up = ops.npu_grouped_matmul([rows], [w13], group_list=counts, split_item=3,
+                                     group_type=0, group_list_type=1)[0]   # [T*K, 2*I_r]
+    act = ops.npu_swiglu(gate_up, dim=-1)                                  # [T*K, I_r]
+    down = ops.npu_grouped_matmul([act], [w2], group_list=counts, split_item=3,
+                                  group_type=0, group_list_type=1)[0]      # [T*K, H], partial
+    return ops.npu_moe_finalize_routing(down, None, None, None, weights.to(down.dtype), row_of, None,
+                                        drop_pad_mode=2)                   # [T, H]
+
+
 class FusedRoutingGMM(MoETPW13):
     """Router, routing, all experts in two grouped matmuls, and the weighted scatter back: no loop."""
     nz_weights = ("w13", "w2")                 # FRACTAL_NZ on an NPU, in any dtype (the recipe's GMM weights)
@@ -45,27 +82,16 @@ class FusedRoutingGMM(MoETPW13):
 
     def gate(self, x: torch.Tensor):
         """Top-k weights [T, K] (renormalised outside the op, as the recipe does) and expert ids (int32)."""
-        logits = F.linear(x, self.router)                                      # [T, E]
-        weights, experts, _ = ops.npu_moe_gating_top_k_softmax(logits, None, k=self.cfg.num_experts_per_tok)
-        if self.cfg.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights, experts, _ = route(F.linear(x, self.router), self.cfg.num_experts_per_tok,
+                                    self.cfg.norm_topk_prob)
         return weights, experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, H = x.shape
-        T, E, K = B * S, self.cfg.num_experts, self.cfg.num_experts_per_tok
-        x = x.view(T, H)
-        weights, experts = self.gate(x)                                        # [T, K]
-        rows, row_of, counts, _ = ops.npu_moe_init_routing_v2(                 # rows [T*K, H] by expert
-            x, experts, active_num=T * K, expert_num=E, expert_tokens_num_type=1,
-            expert_tokens_num_flag=True, active_expert_range=[0, E], quant_mode=-1)
-        gate_up = ops.npu_grouped_matmul([rows], [self.w13], group_list=counts, split_item=3,
-                                         group_type=0, group_list_type=1)[0]   # [T*K, 2*I_r]
-        act = ops.npu_swiglu(gate_up, dim=-1)                                  # [T*K, I_r]
-        down = ops.npu_grouped_matmul([act], [self.w2], group_list=counts, split_item=3,
-                                      group_type=0, group_list_type=1)[0]      # [T*K, H], partial
-        out = ops.npu_moe_finalize_routing(down, None, None, None, weights.to(down.dtype), row_of, None,
-                                           drop_pad_mode=2)                    # [T, H]
+        x = x.view(B * S, H)
+        logits = F.linear(x, self.router)                                      # [T, E]
+        out = moe_v2(x, logits, self.w13, self.w2, self.cfg.num_experts_per_tok,
+                     self.cfg.norm_topk_prob)                                  # [T, H], partial
         return all_reduce(out.view(B, S, H), self.tp)                          # S*H*bytes per token
 
 
@@ -74,9 +100,7 @@ def moe_v1_path(moe: FusedRoutingGMM, x: torch.Tensor) -> torch.Tensor:
     row_idx), compute_expert_tokens (cumulative group list) and finalize in drop_pad_mode 0."""
     T, K = x.shape[0], moe.cfg.num_experts_per_tok
     logits = F.linear(x, moe.router)
-    weights, experts, row_idx = ops.npu_moe_gating_top_k_softmax(logits, None, k=K)     # row_idx k-major
-    if moe.cfg.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    weights, experts, row_idx = route(logits, K, moe.cfg.norm_topk_prob)      # row_idx k-major
     rows, row_of, sorted_experts = ops.npu_moe_init_routing(x, row_idx, experts, T)
     ends = ops.npu_moe_compute_expert_tokens(sorted_experts, moe.cfg.num_experts).to(torch.int64)
     gate_up = ops.npu_grouped_matmul([rows], [moe.w13], group_list=ends, split_item=3, group_type=0,

@@ -1,7 +1,8 @@
 """Greedy generation under the book's timing protocol (README, "The result JSON").
 
-- A runner is anything with `prefill(ids [B, S]) -> logits [B, V]` and
-  `decode(ids [B, 1], pos: int) -> logits [B, V]`: our model (any step) or Hugging Face's.
+- A runner (`Runner`) has `prefill(ids [B, S]) -> logits [B, V]`,
+  `decode(ids [B, 1], pos: int) -> logits [B, V]` and three facts for the result record:
+  our model (any step) or Hugging Face's.
 - Timing: batch 1, the device is synchronised before every clock read, prefill and the first
   decode step (which includes any compilation) are reported separately, the decode figure is the
   median of the remaining steps.
@@ -11,10 +12,22 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 
 from .platform import now_ms
+
+
+class Runner(Protocol):
+    """What greedy_generate drives and what a result record reads from it."""
+    compile_s: float            # seconds spent compiling so far (0 when decode is eager)
+    bytes_read: int | None      # checkpoint bytes this rank read to build it (None: not counted)
+    cache_hit: bool | None      # the compiled graph came from the compile cache (None: no cache)
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, ids: torch.Tensor, pos: int) -> torch.Tensor: ...
 
 
 @dataclass
@@ -37,7 +50,7 @@ class Generation:
 
 
 @torch.no_grad()
-def greedy_generate(runner, prompt_ids: list[int], max_new_tokens: int, device_kind: str = "cpu",
+def greedy_generate(runner: Runner, prompt_ids: list[int], max_new_tokens: int, device_kind: str = "cpu",
                     eos_token_id: int | None = None, device: torch.device | str = "cpu",
                     on_token=None) -> Generation:
     """Generate up to `max_new_tokens` greedy tokens after the prompt (stopping after EOS, which is
@@ -46,7 +59,7 @@ def greedy_generate(runner, prompt_ids: list[int], max_new_tokens: int, device_k
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not prompt_ids:
         raise ValueError("the prompt is empty: at least one token is needed")
-    compiled_before = getattr(runner, "compile_s", 0.0)
+    compiled_before = runner.compile_s
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)       # [1, S]
     t0 = now_ms(device_kind)
     logits = runner.prefill(ids)                                            # [1, V]
@@ -67,17 +80,17 @@ def greedy_generate(runner, prompt_ids: list[int], max_new_tokens: int, device_k
         if on_token:
             on_token(token)
     gen.first_decode_ms = gen.decode_ms[0] if gen.decode_ms else None
-    compiled_now = getattr(runner, "compile_s", 0.0)
+    compiled_now = runner.compile_s
     gen.compile_s = compiled_now if compiled_now != compiled_before else 0.0   # this generation's compile only
     return gen
 
 
 class ModelRunner:
-    """Adapts our model to the runner protocol (positions as a tensor, so shapes stay static)."""
+    """Our model as a Runner, decode eager (positions as a tensor, so shapes stay static)."""
 
-    def __init__(self, model, **options):
-        self.model = model
-        self.compile_s = 0.0
+    def __init__(self, model, *, device_kind: str = "cpu", bytes_read: int | None = None):
+        self.model, self.device_kind = model, device_kind
+        self.compile_s, self.bytes_read, self.cache_hit = 0.0, bytes_read, None
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.prefill(ids)

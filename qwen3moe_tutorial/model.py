@@ -21,6 +21,8 @@ from .parallel import TP
 from .weights import Checkpoint
 
 ACL_FORMAT_FRACTAL_NZ = 29      # the NPU's internal matmul-weight layout (npu_format_cast's acl_format)
+DEFAULT_MAX_LEN = 512           # KV-cache positions unless asked otherwise: one size for every prompt
+                                # length, so a compiled decode graph is reused across prompts
 
 
 class RMSNorm(nn.Module):
@@ -67,10 +69,6 @@ class KVCache:
     side), allocated once before prefill and written in place."""
     k: list[torch.Tensor] = field(default_factory=list)
     v: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def capacity(self) -> int:
-        return self.k[0].shape[1]
 
 
 class Embedding(nn.Module):
@@ -221,7 +219,7 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen3MoeModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, parts: "Parts | None" = None, tp: TP = TP(), max_len: int = 512,
+    def __init__(self, cfg: ModelConfig, parts: "Parts | None" = None, tp: TP = TP(), max_len: int = DEFAULT_MAX_LEN,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         parts = parts or Parts()
@@ -328,5 +326,5 @@ class Parts:
     lm_head: type = LMHead
     model: type = Qwen3MoeModel
 
-    def build(self, cfg: ModelConfig, tp: TP = TP(), max_len: int = 512, dtype: torch.dtype = torch.float32):
+    def build(self, cfg: ModelConfig, tp: TP = TP(), max_len: int = DEFAULT_MAX_LEN, dtype: torch.dtype = torch.float32):
         return self.model(cfg, self, tp, max_len=max_len, dtype=dtype)

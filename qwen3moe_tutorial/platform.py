@@ -16,16 +16,33 @@ import torch
 DEVICE_KINDS = ("npu", "cuda", "cpu")
 
 
+_NPU_ENV_ADDED: dict[str, str] = {}        # what torch_npu_module set before the import
+
+
 @functools.lru_cache(maxsize=None)
 def torch_npu_module():
-    """Return the imported torch_npu module, or None if it is not installed or cannot load."""
+    """Return the imported torch_npu module, or None if it is not installed or cannot load.
+
+    This is the one place the package imports torch_npu, so the launcher's NPU settings
+    (`NPU_LAUNCH_ENV`, read when the NPU runtime starts) go into the environment just before it,
+    for every caller: the CLI, the benchmark, the book. They are taken back if no NPU turns up
+    (`detect_device`), so a CPU run does not claim them."""
     if importlib.util.find_spec("torch_npu") is None:
         return None
+    _NPU_ENV_ADDED.update(apply_env(NPU_LAUNCH_ENV))
     try:
         import torch_npu  # noqa: F401  (registers torch.npu and torch.ops.npu)
     except Exception:  # installed but the CANN runtime is missing or broken
+        _take_back_npu_env()
         return None
     return torch_npu
+
+
+def _take_back_npu_env() -> None:
+    for k, v in _NPU_ENV_ADDED.items():
+        if os.environ.get(k) == v:
+            del os.environ[k]
+    _NPU_ENV_ADDED.clear()
 
 
 def torch_npu_installed() -> bool:
@@ -46,8 +63,12 @@ def detect_device(requested: str = "auto") -> str:
     if requested == "auto":
         if npu_available():
             return "npu"
+        _take_back_npu_env()
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested != "npu":
+        _take_back_npu_env()
     if requested == "npu" and not npu_available():
+        _take_back_npu_env()
         raise RuntimeError("--device npu was requested but torch_npu is not installed or sees no NPU "
                            "(install requirements-npu.txt and source CANN's set_env.sh)")
     if requested == "cuda" and not torch.cuda.is_available():
@@ -110,6 +131,37 @@ def _cann_version() -> str | None:
                     if "version" in line.lower() and "=" in line:
                         return line.split("=", 1)[1].strip()
     return None
+
+
+def git_commit() -> str | None:
+    """HEAD of the package's git checkout, with "-dirty" when tracked files differ (None outside git)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
+
+
+def provenance(env: dict | None = None) -> dict:
+    """What every result record names (the CLI's JSON and the benchmark's files): commit, library
+    versions, the performance-relevant environment (`env`: a rank's own, when it was recorded
+    there), the host and a UTC timestamp."""
+    import datetime
+    import platform as _p
+
+    cpu = _p.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {"commit": git_commit(), "versions": versions(), "env": relevant_env() if env is None else env,
+            "host": {"hostname": _p.node(), "machine": _p.machine(), "cpu": cpu, "cpus": os.cpu_count(),
+                     "torch_threads": torch.get_num_threads()},
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 # What the recipe's launcher sets on an A3 node (cann-recipes-infer `executor/scripts/function.sh`

@@ -23,13 +23,14 @@ import torch
 from packaging.version import Version
 from safetensors import safe_open
 
-from . import ops, parallel, platform
+from . import launch, ops, parallel, platform
 from .config import ConfigError, ModelConfig, preset
 from .final import UsageError, resolve_device
+from .model import DEFAULT_MAX_LEN
 from .ops import reference
 from .parallel import TP
-from .steps import Recipe, check_parallel, launcher_env, recipe_upto
-from .tp import head_plan
+from .steps import STEP_NAMES, Recipe, check_parallel, recipe_upto
+from .tp import HeadPlan
 from .weights import Checkpoint, CheckpointError, default_checkpoint, expected_shapes, make_tiny_checkpoint
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -136,8 +137,8 @@ def check_devices(node: Node) -> Row:
 def rank_layout(cfg: ModelConfig, tp: TP) -> dict[str, tuple[int, int]]:
     """(dim, rows kept) of each sharded kind of checkpoint tensor on rank tp.rank (tp.py's layout); any
     other tensor (norms, router) is replicated. KV heads count once per rank, replicated when tp > Nkv."""
-    plan, D = head_plan(cfg, tp), cfg.head_dim
-    q, kv = len(plan["q_heads"]) * D, len(plan["kv_heads"]) * D
+    plan, D = HeadPlan.of(cfg, tp), cfg.head_dim
+    q, kv = plan.n_heads * D, plan.n_kv * D
     i0, i1 = tp.split(cfg.moe_intermediate_size, "moe_intermediate_size")
     v0, v1 = tp.split(cfg.vocab_size, "vocab_size")
     return {"q_proj": (0, q), "k_proj": (0, kv), "v_proj": (0, kv), "o_proj": (1, q), "gate_proj": (0, i1 - i0),
@@ -153,7 +154,7 @@ def _kept(shape: tuple, rule: tuple[int, int] | None) -> int:
 
 def kv_cache_bytes(cfg: ModelConfig, tp: int, dtype: torch.dtype, max_seq_len: int) -> int:
     """One rank's K and V caches: per layer 2 * S_max * Nkv_r * D elements (batch 1)."""
-    n_kv = len(head_plan(cfg, TP(0, tp))["kv_heads"])
+    n_kv = HeadPlan.of(cfg, TP(0, tp)).n_kv
     return cfg.num_hidden_layers * 2 * max_seq_len * n_kv * cfg.head_dim * dtype.itemsize
 
 
@@ -195,7 +196,7 @@ def check_memory(node: Node) -> Row:
 
 # ---- 4. launcher environment ---------------------------------------------------------------------
 def check_launcher_env(node: Node) -> Row:
-    env = launcher_env(node.recipe, node.device_kind)
+    env = launch.launcher_env(node.recipe, node.device_kind)
     mine = sorted(k for k in env if k in node.user_env)
     numbers = {"env": env, "user_set": mine}
     detail = ", ".join(f"{k}={v}" + (" (yours)" if k in mine else "") for k, v in sorted(env.items())) or "none"
@@ -210,9 +211,8 @@ def check_launcher_env(node: Node) -> Row:
 # ---- 5. fused ops --------------------------------------------------------------------------------
 def op_shapes(cfg: ModelConfig, tp: int, max_seq_len: int) -> dict:
     """One rank's decode shapes: T tokens, N/Nkv heads, I expert columns, S cache rows, write at pos."""
-    plan = head_plan(cfg, TP(0, tp))
-    return {"T": 1, "H": cfg.hidden_size, "D": cfg.head_dim, "N": len(plan["q_heads"]),
-            "Nkv": len(plan["kv_heads"]), "E": cfg.num_experts, "K": cfg.num_experts_per_tok,
+    plan = HeadPlan.of(cfg, TP(0, tp))
+    return {"T": 1, "H": cfg.hidden_size, "D": cfg.head_dim, "N": plan.n_heads, "Nkv": plan.n_kv, "E": cfg.num_experts, "K": cfg.num_experts_per_tok,
             "I": cfg.moe_intermediate_size // tp, "S": max_seq_len, "pos": max_seq_len // 2}
 
 
@@ -339,7 +339,7 @@ def check_allreduce(node: Node) -> Row:
 
 # ---- 7. torchair compile cache -------------------------------------------------------------------
 def _final_run(model: str, cache: str, out: str, timeout_s: float) -> dict:
-    cmd = [sys.executable, "-m", "qwen3moe_tutorial.final", "--model-path", model, "--upto", "aiv", "--tp", "1",
+    cmd = [sys.executable, "-m", "qwen3moe_tutorial.final", "--model-path", model, "--upto", STEP_NAMES[-1], "--tp", "1",
            "--device", "npu", "--dtype", "bfloat16", "--compile-cache", cache, "--max-new-tokens", "4", "--json", out]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if p.returncode:
@@ -385,13 +385,15 @@ CHECKS = (check_versions, check_devices, check_memory, check_launcher_env, check
 
 
 def run_checks(node: Node) -> list[Row]:
+    """Every check, under the environment the launch itself would set (launch.launch_environment)."""
     rows = []
-    for check in CHECKS:
-        try:
-            out = check(node)
-        except Exception as e:                          # a broken check is a FAIL row, never a traceback
-            out = Row(check.__name__.removeprefix("check_"), "FAIL", f"{type(e).__name__}: {e}, report this")
-        rows.extend(out if isinstance(out, list) else [out])
+    with launch.launch_environment(node.recipe, node.device_kind):
+        for check in CHECKS:
+            try:
+                out = check(node)
+            except Exception as e:                      # a broken check is a FAIL row, never a traceback
+                out = Row(check.__name__.removeprefix("check_"), "FAIL", f"{type(e).__name__}: {e}, report this")
+            rows.extend(out if isinstance(out, list) else [out])
     return rows
 
 
@@ -410,7 +412,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 description="Check this node before a long run: one row per check, exit 1 on a FAIL.")
     p.add_argument("--model-path", help="Hugging Face checkpoint directory (default: the embedded tiny checkpoint)")
     p.add_argument("--tp", type=int, help="tensor-parallel size (default: the visible NPUs, else 1)")
-    p.add_argument("--max-seq-len", type=int, help="KV-cache positions (default: 512, at most max_position_embeddings)")
+    p.add_argument("--max-seq-len", type=int, help=f"KV-cache positions (default: {DEFAULT_MAX_LEN}, at most max_position_embeddings)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on an NPU, float32 elsewhere")
     p.add_argument("--json", metavar="FILE", help="write the rows and the versions to FILE")
     return p.parse_args(argv)
@@ -419,8 +421,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def prepare(args: argparse.Namespace) -> Node:
     """Resolve the defaults and reject arguments no run could use (UsageError, ConfigError, ...)."""
     recipe = recipe_upto()
-    user_env = tuple(k for k in launcher_env(recipe, "npu") if k in os.environ)
-    kind = resolve_device("auto", recipe)         # the launch's own environment, set before torch_npu starts
+    user_env = tuple(k for k in launch.launcher_env(recipe, "npu") if k in os.environ)
+    kind = resolve_device("auto")                 # torch_npu starts with the launcher's NPU environment
     ckpt = Checkpoint(args.model_path or default_checkpoint())
     ckpt.validate()
     cfg = ckpt.config
@@ -436,7 +438,7 @@ def prepare(args: argparse.Namespace) -> Node:
     if args.max_seq_len is not None and not 1 <= args.max_seq_len <= limit:
         raise UsageError(f"--max-seq-len {args.max_seq_len} must lie in [1, {limit}] (max_position_embeddings)")
     dtype = DTYPES[args.dtype or ("bfloat16" if kind == "npu" else "float32")]
-    return Node(kind, ckpt, recipe, tp, dtype, args.max_seq_len or min(512, limit), hbm, user_env=user_env)
+    return Node(kind, ckpt, recipe, tp, dtype, args.max_seq_len or min(DEFAULT_MAX_LEN, limit), hbm, user_env=user_env)
 
 
 def _split_problem(recipe: Recipe, cfg: ModelConfig, tp: int) -> str | None:

@@ -1,8 +1,8 @@
 """An analytic model of one batch-1 decode token: bytes read, collectives, operator launches.
 
 - Counts per-RANK bytes for tensor parallelism as laid out by the recipe (cann-recipes-infer `module/linear.py`; chapters 3-5):
-  q/o and experts split over ranks, K/V heads replicated when tp > Nkv, router and norms
-  replicated, embedding/lm_head split by vocabulary. Only the K activated experts are counted.
+  q/o and experts split over ranks, K/V heads replicated when tp > Nkv (heads placed by `tp.HeadPlan`),
+  router and norms replicated, embedding/lm_head split by vocabulary. Only the K activated experts are counted.
 - Predicts decode latency as memory + collectives + dispatch, each term from explicit,
   adjustable assumptions (`ALLREDUCE_US`, `LAUNCH_US`, `BANDWIDTH_EFFICIENCY`, `SCENARIOS`).
 - Deliberately not a simulator: no overlap of compute with communication, no cache effects,
@@ -27,6 +27,7 @@ import torch
 
 from .config import ModelConfig
 from .parallel import TP
+from .tp import HeadPlan
 
 GB = 1e9
 
@@ -112,16 +113,6 @@ def _per_rank(total: int, tp: int, what: str) -> int:
     return stop - start
 
 
-def kv_heads_per_rank(cfg: ModelConfig, tp: int) -> int:
-    """Nkv_r = max(Nkv // tp, 1): each rank keeps whole KV heads, replicated when tp > Nkv."""
-    nkv = cfg.num_key_value_heads
-    if tp >= nkv:
-        if tp % nkv:
-            raise ValueError(f"tp ({tp}) must be a multiple of num_key_value_heads ({nkv}) to replicate KV heads")
-        return 1
-    return _per_rank(nkv, tp, "num_key_value_heads")
-
-
 # ---- bytes and FLOPs per decode token ------------------------------------------------------------
 PARTS: tuple[str, ...] = ("embedding", "attention_q_o", "attention_k_v", "router", "experts", "norms",
                           "lm_head", "kv_cache")
@@ -134,8 +125,8 @@ def bytes_per_token(cfg: ModelConfig, tp: int = 1, dtype_bytes: int = 2, context
     `context_len` is the number of cached positions the new token attends to.
     """
     L, H, D = cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim
-    N_r = _per_rank(cfg.num_attention_heads, tp, "num_attention_heads")
-    Nkv_r = kv_heads_per_rank(cfg, tp)
+    heads = HeadPlan.of(cfg, TP(0, tp))                      # every rank holds as many heads as rank 0
+    N_r, Nkv_r = heads.n_heads, heads.n_kv                   # Nkv_r = 1 (replicated) when tp > Nkv
     I_r = _per_rank(cfg.moe_intermediate_size, tp, "moe_intermediate_size")
     V_r = _per_rank(cfg.vocab_size, tp, "vocab_size")
     params = {
@@ -162,7 +153,7 @@ def flops_per_token(cfg: ModelConfig, tp: int = 1, context_len: int = 0) -> dict
     """
     b = bytes_per_token(cfg, tp, dtype_bytes=1)              # parameters, one byte each
     matmul = 2 * (b["attention_q_o"] + b["attention_k_v"] + b["router"] + b["experts"] + b["lm_head"])
-    N_r = _per_rank(cfg.num_attention_heads, tp, "num_attention_heads")
+    N_r = HeadPlan.of(cfg, TP(0, tp)).n_heads
     attention = cfg.num_hidden_layers * N_r * 4 * cfg.head_dim * context_len
     return {"matmul": matmul, "attention": attention, "total": matmul + attention}
 
@@ -330,8 +321,9 @@ def predict_decode_ms(cfg: ModelConfig, hw: Hardware | str, tp: int, dtype_bytes
 
 
 # ---- the ladder, step by step --------------------------------------------------------------------
-LOOP_STEPS = ("hf_baseline", "reference", "attention_tp", "merged_qkv", "moe_tp_w13_swiglu")
-SINGLE_DEVICE_STEPS = ("hf_baseline", "reference")
+# Each step is asked what its recipe declares (`steps.recipe_upto(name)`), never compared by name.
+# `steps` is imported inside the functions: it imports every model part (compile, fused), which the
+# byte arithmetic above does not need.
 WRITEUP_TARGET_MS = 20.0      # the cann-recipes write-up: 8 A3 cards, BF16, batch 1, < 20 ms per token
 
 
@@ -339,12 +331,16 @@ def step_ops_per_token(step: str, cfg: ModelConfig, measured: dict[str, float], 
     """Operators per token of `step` on `cfg`, scaled from a profiler count on a small model.
 
     Assumption (stated, adjustable by passing your own `measured`): operators scale with the
-    number of layers; in the steps that still loop over experts they also scale with top-k K.
-    From graph_mode on the count is the fused recipe's kernels (one graph launch per token)."""
-    if step in ("graph_mode", "compile_cache", "aiv"):
+    number of layers; while the recipe still loops over experts (not `grouped_experts`) they also
+    scale with top-k K. Once decode is one graph (`graph`) the count is the fused recipe's kernels
+    (one graph launch per token)."""
+    from .steps import recipe_upto
+
+    recipe = recipe_upto(step)
+    if recipe.graph:
         return fused_ops_per_token(cfg)
     scale = cfg.num_hidden_layers / measured_cfg.num_hidden_layers
-    if step in LOOP_STEPS:
+    if not recipe.grouped_experts:                           # one expert call per routed expert
         scale *= cfg.num_experts_per_tok / measured_cfg.num_experts_per_tok
     return measured[step] * scale
 
@@ -352,46 +348,47 @@ def step_ops_per_token(step: str, cfg: ModelConfig, measured: dict[str, float], 
 def predict_ladder(cfg: ModelConfig, tp: int, measured_ops: dict[str, float], measured_cfg: ModelConfig,
                    hw: Hardware | str = "a3-die", dtype_bytes: int = 2, which: str = "mid",
                    steps: tuple[str, ...] | None = None) -> list[dict]:
-    """A predicted decode latency for every ladder step (`steps.STEPS`) on `tp` devices.
+    """A predicted decode latency for every ladder step (`steps.STEPS`, or the names given) on `tp` devices.
 
-    What each step changes in the model (chapters 3-11):
-    - hf_baseline, reference: one device, eager, no collectives;
-    - attention_tp, merged_qkv: attention split over tp; every rank still runs the whole MoE
-      (it reads the K activated experts in full); one all-reduce per layer (+ embedding, lm_head);
-    - moe_tp_w13_swiglu and later: experts split too; two all-reduces per layer;
-    - fused_*: fewer operators (counts from `measured_ops`);
-    - graph_mode, compile_cache: one graph launch; per-kernel cost inside the graph (LAUNCH_US["graph"]);
-    - aiv: all-reduce latency of AIV instead of AI_CPU (ALLREDUCE_US).
+    What a step's recipe declares changes the model (chapters 3-11):
+    - not `tensor_parallel`: one device, eager, no collectives;
+    - `tensor_parallel` but not `splits_experts`: attention split over tp; every rank still runs the
+      whole MoE (it reads the K activated experts in full); one all-reduce per layer (+ embedding, lm_head);
+    - `splits_experts`: experts split too; two all-reduces per layer;
+    - fewer operators step by step (counts from `measured_ops`, see `step_ops_per_token`);
+    - `graph`: one graph launch; per-kernel cost inside the graph (LAUNCH_US["graph"]);
+    - `env` HCCL_OP_EXPANSION_MODE: the all-reduce latency of that mode (ALLREDUCE_US; default AI_CPU).
     Each row says whether the step's weights fit in one device's memory (`fits`)."""
-    hw = hardware(hw) if isinstance(hw, str) else hw
-    from .steps import STEP_NAMES
+    from .steps import STEP_NAMES, recipe_upto
 
-    order = steps or STEP_NAMES
+    hw = hardware(hw) if isinstance(hw, str) else hw
     rows = []
-    for step in order:
-        size = 1 if step in SINGLE_DEVICE_STEPS else tp
+    for step in steps or STEP_NAMES:
+        recipe = recipe_upto(step)
+        size = tp if recipe.tensor_parallel else 1
+        moe_replicated = recipe.tensor_parallel and not recipe.splits_experts   # whole experts on every rank
         b = bytes_per_token(cfg, size, dtype_bytes)
         resident = resident_bytes_per_rank(cfg, size, dtype_bytes)
-        if step in ("attention_tp", "merged_qkv"):            # MoE replicated: whole experts on every rank
+        if moe_replicated:
             full = bytes_per_token(cfg, 1, dtype_bytes)
             b = {**b, "experts": full["experts"], "router": full["router"]}
             b["total"] = sum(v for k, v in b.items() if k in PARTS)
             resident += (cfg.num_hidden_layers * cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size
                          * dtype_bytes) * (1 - 1 / size)
-        graph = step in ("graph_mode", "compile_cache", "aiv")
-        hccl = "AIV" if step == "aiv" else "AI_CPU"
+        launch = "graph" if recipe.graph else "eager"
+        hccl = recipe.env.get("HCCL_OP_EXPANSION_MODE", "AI_CPU")              # AI_CPU: A3's default
         eff = getattr(BANDWIDTH_EFFICIENCY, {"low": "high", "mid": "mid", "high": "low"}[which])
         memory_ms = b["total"] / (hw.bandwidth_Bps * eff) * 1e3
         coll = collectives_per_token(cfg, size, dtype_bytes)
-        n_coll = coll["count"] - (cfg.num_hidden_layers if step in ("attention_tp", "merged_qkv") else 0)
+        n_coll = coll["count"] - (cfg.num_hidden_layers if moe_replicated else 0)   # no all-reduce after the MoE
         collectives_ms = n_coll * getattr(ALLREDUCE_US[hccl], which) / 1e3
         n_ops = step_ops_per_token(step, cfg, measured_ops, measured_cfg)
-        dispatch_ms = n_ops * getattr(LAUNCH_US["graph" if graph else "eager"], which) / 1e3
+        dispatch_ms = n_ops * getattr(LAUNCH_US[launch], which) / 1e3
         rows.append({"step": step, "tp": size, "memory_ms": memory_ms, "collectives_ms": collectives_ms,
                      "dispatch_ms": dispatch_ms, "total_ms": memory_ms + collectives_ms + dispatch_ms,
                      "ops_per_token": n_ops, "collectives": n_coll, "bytes_per_rank": b["total"],
                      "resident_bytes_per_rank": resident, "fits": resident <= hw.memory_bytes,
-                     "assumptions": {"hardware": hw.name, "hccl": hccl, "launch": "graph" if graph else "eager",
+                     "assumptions": {"hardware": hw.name, "hccl": hccl, "launch": launch,
                                      "which": which, "bandwidth_efficiency": eff}})
     return rows
 

@@ -1,124 +1,95 @@
 """The optimization ladder: one ordered table of named steps (README, the book's table of contents).
 
-- A step is one small function `Recipe -> Recipe` that swaps one unit (a model part, the engine).
-  "Up to step k" folds steps 1..k, so every step includes the ones before it.
-- `build_runner` turns a recipe into something `generate.greedy_generate` can drive.
+- A step is one row of `STEPS`: which recipe fields and model parts it swaps, and what it changes,
+  declared as data (starts tensor parallelism, splits the experts, runs decode as a graph, the
+  launcher environment it sets). Every other module asks the recipe these questions, never a
+  step's name; adding a step is one row here and the part class it swaps in.
+- "Up to step k" folds rows 1..k, so every step includes the ones before it.
 - No mode flags inside forward: what changes between steps is *which class* runs, never an `if`.
+- Running a recipe (loading, ranks, generation) lives in launch.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
+import inspect
 from dataclasses import dataclass, field
-from typing import Callable
-
-import torch
 
 from . import compile, fused, tp
 from .generate import ModelRunner
 from .model import Parts
 from .parallel import TP
 
-
-@dataclass(frozen=True)
-class Recipe:
-    """What to build: the engine (transformers or ours), our model's parts, how decode is run
-    (eager or a compiled graph), the launcher's environment, and the enabled steps."""
-    engine: str = "hf"
-    parts: Parts = field(default_factory=Parts)
-    runner: type = ModelRunner
-    env: tuple[tuple[str, str], ...] = ()
-    steps: tuple[str, ...] = ()
+PART_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Parts))
 
 
 @dataclass(frozen=True)
 class Step:
+    """One rung of the ladder: what it swaps (recipe fields `engine` / `runner`, or model parts by
+    name) and what it changes, as flags that `Recipe` folds over the steps enabled so far."""
     name: str
     chapter: str
     summary: str
-    apply: Callable[[Recipe], Recipe]
+    swaps: tuple[tuple[str, object], ...] = ()
+    tensor_parallel: bool = False     # from here on a recipe can run on several ranks (--tp > 1)
+    splits_experts: bool = False      # every expert split over the ranks: an all-reduce after the MoE
+    grouped_experts: bool = False     # the expert loop replaced by routing ops and grouped matmuls
+    graph: bool = False               # decode runs as one compiled graph
+    cached_graph: bool = False        # that graph is kept on disk for the next process
+    env: tuple[tuple[str, str], ...] = ()   # variables the launcher sets for every rank
+
+    def apply(self, recipe: "Recipe") -> "Recipe":
+        """The recipe with this step's swaps made and its name appended."""
+        parts = {k: v for k, v in self.swaps if k in PART_NAMES}
+        fields = {k: v for k, v in self.swaps if k not in PART_NAMES}
+        return dataclasses.replace(recipe, parts=dataclasses.replace(recipe.parts, **parts),
+                                   steps=recipe.steps + (self.name,), **fields)
+
+    def __str__(self) -> str:
+        flags = [f.name for f in dataclasses.fields(self) if f.type == "bool" and getattr(self, f.name)]
+        lines = [f"{self.name} (chapter {self.chapter}): {self.summary}"]
+        lines += [f"  swaps {k:10s} -> {_label(v)}" for k, v in self.swaps]
+        lines += [f"  declares {', '.join(flags)}"] if flags else []
+        lines += [f"  sets {k}={v}" for k, v in self.env]
+        return "\n".join(lines)
 
 
-# ---- the steps, in order -------------------------------------------------------------------------
-def hf_baseline(recipe: Recipe) -> Recipe:
-    """transformers' Qwen3MoeForCausalLM with its naive per-expert loop (see hf.py)."""
-    return dataclasses.replace(recipe, engine="hf")
+def swaps(**changes) -> tuple[tuple[str, object], ...]:
+    """A step's swaps, written as keyword arguments: model parts (`attention=...`) or recipe fields."""
+    unknown = set(changes) - set(PART_NAMES) - {"engine", "runner"}
+    if unknown:
+        raise ValueError(f"a step can swap the parts {', '.join(PART_NAMES)}, engine or runner; got {sorted(unknown)}")
+    return tuple(changes.items())
 
 
-def reference(recipe: Recipe) -> Recipe:
-    """Our readable model (model.py): same math, static KV cache, prefill/decode split."""
-    return dataclasses.replace(recipe, engine="ours", parts=Parts())
-
-
-def attention_tp(recipe: Recipe) -> Recipe:
-    """Heads split over ranks (o_proj all-reduce); embedding and lm_head split over the vocabulary."""
-    parts = dataclasses.replace(recipe.parts, attention=tp.AttentionTP, embedding=tp.VocabParallelEmbedding,
-                                lm_head=tp.VocabParallelLMHead)
-    return dataclasses.replace(recipe, parts=parts)
-
-
-def merged_qkv(recipe: Recipe) -> Recipe:
-    """q, k and v projections of a rank merged into one matmul."""
-    return dataclasses.replace(recipe, parts=dataclasses.replace(recipe.parts, attention=tp.AttentionMergedQKV))
-
-
-def moe_tp_w13_swiglu(recipe: Recipe) -> Recipe:
-    """Every expert split along its intermediate dim, gate+up merged into w13, swiglu, all-reduce."""
-    return dataclasses.replace(recipe, parts=dataclasses.replace(recipe.parts, moe=tp.MoETPW13))
-
-
-def fused_routing_gmm(recipe: Recipe) -> Recipe:
-    """The expert loop replaced by gating top-k, init routing, two grouped matmuls and finalize."""
-    return dataclasses.replace(recipe, parts=dataclasses.replace(recipe.parts, moe=fused.FusedRoutingGMM))
-
-
-def fused_rmsnorm(recipe: Recipe) -> Recipe:
-    """rms_norm / add_rms_norm, with the residual carried through the norms (the recipe's protocol)."""
-    parts = dataclasses.replace(recipe.parts, norm=fused.FusedRMSNorm, layer=fused.FusedResidualLayer,
-                                model=fused.FusedResidualModel)
-    return dataclasses.replace(recipe, parts=parts)
-
-
-def fused_attention(recipe: Recipe) -> Recipe:
-    """In-place RoPE op, scatter_update_ cache writes, fused infer attention score (prefill and decode)."""
-    return dataclasses.replace(recipe, parts=dataclasses.replace(recipe.parts, attention=fused.FusedAttention))
-
-
-def graph_mode(recipe: Recipe) -> Recipe:
-    """Decode compiled into one static graph (torchair GE on NPU, torch.compile elsewhere)."""
-    return dataclasses.replace(recipe, runner=compile.GraphRunner)
-
-
-def compile_cache(recipe: Recipe) -> Recipe:
-    """The compiled graph cached on disk under a key that covers code, config and versions."""
-    return dataclasses.replace(recipe, runner=compile.CachedGraphRunner)
-
-
-def aiv(recipe: Recipe) -> Recipe:
-    """The launcher sets HCCL_OP_EXPANSION_MODE=AIV: collectives orchestrated on the vector cores."""
-    return dataclasses.replace(recipe, env=recipe.env + (("HCCL_OP_EXPANSION_MODE", "AIV"),))
+def _label(value) -> str:
+    return f"{value.__module__.rsplit('.', 1)[-1]}.{value.__qualname__}" if inspect.isclass(value) else repr(value)
 
 
 STEPS: tuple[Step, ...] = (
     Step("hf_baseline", "01_hf_baseline", "transformers Qwen3MoeForCausalLM, naive per-expert loop, no TP",
-         hf_baseline),
+         swaps(engine="hf")),
     Step("reference", "02_reference_model", "our readable single-device model, static KV cache, "
-         "prefill/decode split", reference),
+         "prefill/decode split", swaps(engine="ours")),
     Step("attention_tp", "03_attention_tp", "attention heads split over ranks, o_proj all-reduce, "
-         "vocab-parallel embedding and lm_head", attention_tp),
-    Step("merged_qkv", "04_merged_qkv", "q/k/v projections merged into one matmul per rank", merged_qkv),
+         "vocab-parallel embedding and lm_head",
+         swaps(attention=tp.AttentionTP, embedding=tp.VocabParallelEmbedding, lm_head=tp.VocabParallelLMHead),
+         tensor_parallel=True),
+    Step("merged_qkv", "04_merged_qkv", "q/k/v projections merged into one matmul per rank",
+         swaps(attention=tp.AttentionMergedQKV)),
     Step("moe_tp_w13_swiglu", "05_moe_tp_w13_swiglu", "experts split over ranks, gate+up merged into w13, "
-         "swiglu op, all-reduce", moe_tp_w13_swiglu),
+         "swiglu op, all-reduce", swaps(moe=tp.MoETPW13), splits_experts=True),
     Step("fused_routing_gmm", "06_fused_routing_gmm", "gating top-k softmax, init routing, grouped matmul, "
-         "finalize routing", fused_routing_gmm),
-    Step("fused_rmsnorm", "07_fused_rmsnorm", "rms_norm / add_rms_norm with the residual add fused", fused_rmsnorm),
+         "finalize routing", swaps(moe=fused.FusedRoutingGMM), grouped_experts=True),
+    Step("fused_rmsnorm", "07_fused_rmsnorm", "rms_norm / add_rms_norm with the residual add fused",
+         swaps(norm=fused.FusedRMSNorm, layer=fused.FusedResidualLayer, model=fused.FusedResidualModel)),
     Step("fused_attention", "08_fused_attention", "fused infer attention score over the static KV cache, "
-         "in-place RoPE, scatter_update_ cache writes", fused_attention),
+         "in-place RoPE, scatter_update_ cache writes", swaps(attention=fused.FusedAttention)),
     Step("graph_mode", "09_graph_mode", "decode as one static compiled graph: torchair GE on NPU, "
-         "torch.compile elsewhere", graph_mode),
+         "torch.compile elsewhere", swaps(runner=compile.GraphRunner), graph=True),
     Step("compile_cache", "10_compile_cache", "compiled graph cached on disk and reused by the next process",
-         compile_cache),
-    Step("aiv", "11_aiv_collectives", "HCCL_OP_EXPANSION_MODE=AIV set by the launcher", aiv),
+         swaps(runner=compile.CachedGraphRunner), cached_graph=True),
+    Step("aiv", "11_aiv_collectives", "HCCL_OP_EXPANSION_MODE=AIV set by the launcher: collectives "
+         "orchestrated on the vector cores", env=(("HCCL_OP_EXPANSION_MODE", "AIV"),)),
 )
 STEP_NAMES: tuple[str, ...] = tuple(s.name for s in STEPS)
 
@@ -130,12 +101,94 @@ def step(name: str) -> Step:
     raise ValueError(f"unknown step {name!r}; the ladder is: {', '.join(STEP_NAMES)}")
 
 
+def first_step(flag: str) -> Step:
+    """The first step that declares `flag` (for example "tensor_parallel")."""
+    return next(s for s in STEPS if getattr(s, flag))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to build: the engine (transformers or ours), our model's parts, how decode is run
+    (eager or a compiled graph), and the enabled steps, whose declarations it answers for."""
+    engine: str = "hf"
+    parts: Parts = field(default_factory=Parts)
+    runner: type = ModelRunner
+    steps: tuple[str, ...] = ()
+
+    def _declared(self, flag: str) -> bool:
+        return any(getattr(step(name), flag) for name in self.steps)
+
+    @property
+    def tensor_parallel(self) -> bool:
+        return self._declared("tensor_parallel")
+
+    @property
+    def splits_experts(self) -> bool:
+        return self._declared("splits_experts")
+
+    @property
+    def grouped_experts(self) -> bool:
+        return self._declared("grouped_experts")
+
+    @property
+    def graph(self) -> bool:
+        return self._declared("graph")
+
+    @property
+    def cached_graph(self) -> bool:
+        return self._declared("cached_graph")
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What the enabled steps ask the launcher to set (launch.launcher_env adds the device's own)."""
+        return {k: v for name in self.steps for k, v in step(name).env}
+
+    def _ours_from(self) -> str:
+        """The step that switched the engine to our model (it supplies every part not swapped since)."""
+        return next(name for name in self.steps if ("engine", "ours") in step(name).swaps)
+
+    def part_table(self) -> list[dict]:
+        """Which class supplies each part of the model, the step that put it there, and which class
+        defines each of its methods (the hooks the ladder overrides)."""
+        set_by = {}
+        for name in self.steps:
+            set_by.update({k: name for k, _ in step(name).swaps if k in PART_NAMES})
+        rows = []
+        for part in PART_NAMES:
+            cls = getattr(self.parts, part)
+            hooks = {}
+            for klass in reversed(cls.__mro__):
+                if klass.__module__.startswith(__package__ + "."):
+                    hooks.update({m: _label(klass) for m, v in vars(klass).items()
+                                  if inspect.isfunction(v) and (not m.startswith("_") or m == "__init__")})
+            rows.append({"part": part, "class": _label(cls), "set_by": set_by.get(part, self._ours_from()),
+                         "bases": [_label(k) for k in cls.__mro__ if k.__module__.startswith(__package__ + ".")],
+                         "hooks": hooks})
+        return rows
+
+    def summary(self) -> str:
+        """The model this recipe builds, in one place: each part's class and the step that chose it,
+        then, most derived first, the class each of its methods comes from."""
+        last = self.steps[-1] if self.steps else "(no step)"
+        if self.engine == "hf":
+            return f"up to {last}: transformers' Qwen3MoeForCausalLM (no parts of ours)"
+        lines = [f"up to {last}: runner {_label(self.runner)}"]
+        for row in self.part_table():
+            lines.append(f"  {row['part']:9s} {row['class']}  (from {row['set_by']})")
+            by_class: dict[str, list[str]] = {}
+            for method, owner in row["hooks"].items():
+                by_class.setdefault(owner, []).append(method)
+            for owner in sorted(by_class, key=row["bases"].index):
+                lines.append(f"      {owner + ':':28s} {', '.join(by_class[owner])}")
+        return "\n".join(lines)
+
+
 def recipe_upto(name: str | None = None) -> Recipe:
     """The recipe with every step up to and including `name` (default: all steps)."""
     last = STEP_NAMES.index(step(name or STEP_NAMES[-1]).name)
     recipe = Recipe()
     for s in STEPS[: last + 1]:
-        recipe = dataclasses.replace(s.apply(recipe), steps=recipe.steps + (s.name,))
+        recipe = s.apply(recipe)
     return recipe
 
 
@@ -143,96 +196,12 @@ def check_parallel(recipe: Recipe, cfg, size: int) -> None:
     """Reject a TP size this recipe and config cannot run, before any process starts."""
     if size == 1:
         return
-    if "attention_tp" not in recipe.steps:
-        raise ValueError(f"--tp {size} needs tensor parallelism, which starts at the attention_tp step; "
-                         f"'{recipe.steps[-1]}' runs on one device (use --tp 1 or --upto attention_tp or later)")
+    if not recipe.tensor_parallel:
+        first = first_step("tensor_parallel").name
+        raise ValueError(f"--tp {size} needs tensor parallelism, which starts at the {first} step; "
+                         f"'{recipe.steps[-1]}' runs on one device (use --tp 1 or --upto {first} or later)")
     for rank in range(size):
-        tp.head_plan(cfg, TP(rank, size))
+        tp.HeadPlan.of(cfg, TP(rank, size))
     TP(0, size).split(cfg.vocab_size, "vocab_size")
-    if "moe_tp_w13_swiglu" in recipe.steps:
+    if recipe.splits_experts:
         TP(0, size).split(cfg.moe_intermediate_size, "moe_intermediate_size")
-
-
-def build_runner(recipe: Recipe, model_path: str, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", tp_ctx: TP = TP(), max_len: int = 512,
-                 compile_cache: str | None = None):
-    """Load the checkpoint into the recipe's engine; return a runner (generate.py protocol)."""
-    from .hf import HFRunner, load_hf_model
-    from .weights import Checkpoint
-
-    ckpt = Checkpoint(model_path)
-    check_parallel(recipe, ckpt.config, tp_ctx.size)
-    if recipe.engine == "hf":
-        ckpt.validate()                            # the same clear errors as our loader
-        return HFRunner(load_hf_model(model_path, dtype=dtype, device=device))
-    model = recipe.parts.build(ckpt.config, tp_ctx, max_len=max_len, dtype=dtype).load(ckpt)
-    runner = recipe.runner(model.to_device(device), device_kind=torch.device(device).type, steps=recipe.steps,
-                           compile_cache=compile_cache)
-    runner.bytes_read = ckpt.bytes_read
-    return runner
-
-
-def launcher_env(recipe: Recipe, device_kind: str = "cpu") -> dict:
-    """Environment variables the launcher sets for this recipe on this device; the user's own
-    settings win. On an NPU: the recipe's HCCL, task-queue and allocator settings
-    (`platform.NPU_LAUNCH_ENV`), then the steps' own (the aiv step's HCCL_OP_EXPANSION_MODE)."""
-    from . import platform
-
-    wanted = {**(platform.NPU_LAUNCH_ENV if device_kind == "npu" else {}), **dict(recipe.env)}
-    return {k: os.environ.get(k, v) for k, v in wanted.items()}
-
-
-def generate_on_rank(tp_ctx: TP, job: dict) -> dict:
-    """One rank's share of a generation job (run by parallel.run_on_ranks): load this rank's
-    slices, generate greedily, and return the generation with every rank's checkpoint bytes."""
-    import torch.distributed as dist
-
-    from . import platform
-    from .generate import greedy_generate
-
-    if dist.is_initialized() and dist.get_backend() != platform.dist_backend(job["device_kind"]):
-        raise ValueError(f"the job runs on {job['device_kind']} but the process group uses {dist.get_backend()}; "
-                         f"pass device_kind={job['device_kind']!r} to run_on_ranks")
-    device = platform.torch_device(job["device_kind"], int(os.environ.get("LOCAL_RANK", tp_ctx.rank)))
-    runner = build_runner(recipe_upto(job["upto"]), job["model_path"], dtype=job["dtype"], device=device,
-                          tp_ctx=tp_ctx, max_len=job["max_len"], compile_cache=job.get("compile_cache"))
-    generate = lambda on_token=None: greedy_generate(runner, job["prompt_ids"], job["max_new_tokens"],
-                                                     job["device_kind"], eos_token_id=job["eos_token_id"],
-                                                     device=device, on_token=on_token)
-    summary = None
-    if job.get("profile_dir"):
-        gen, summary = profiled_generation(generate, job, os.path.join(job["profile_dir"], f"rank{tp_ctx.rank}"))
-    elif job.get("progress") and tp_ctx.rank == 0:
-        from tqdm.auto import tqdm
-        with tqdm(total=job["max_new_tokens"], desc="generating", unit="tok", leave=False) as bar:
-            gen = generate(on_token=lambda _: bar.update(1))
-    else:
-        gen = generate()
-    bytes_read = [getattr(runner, "bytes_read", None)]
-    if tp_ctx.size > 1:
-        bytes_read = [None] * tp_ctx.size
-        dist.all_gather_object(bytes_read, getattr(runner, "bytes_read", None))
-    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {**gen.to_dict(), "bytes_read_per_rank": bytes_read,
-            "compile_cache_hit": getattr(runner, "cache_hit", None), "profile": summary, "cpu_affinity": affinity}
-
-
-def profiled_generation(generate, job: dict, out_dir: str):
-    """Run `generate` under the profiler: the prefill and the first decode step (compilation) are
-    skipped, up to 10 decode steps are recorded; one trace and one summary per rank in out_dir."""
-    from . import ops
-    from .profile import generation_profiler, quiet_native_stderr, summarize
-
-    n = job["max_new_tokens"]
-    skip = min(2, n - 1)
-    active = max(1, min(10, n - skip))
-    quiet = job["device_kind"] != "npu"      # on an NPU, CANN's compile-time messages must reach the user
-    with quiet_native_stderr(quiet), ops.annotate_ops(), generation_profiler(out_dir, job["device_kind"], active,
-                                                                             skip) as prof:
-        gen = generate(on_token=lambda _: prof.step())
-    try:
-        summary = summarize(prof, active, out_dir)
-    except Exception as e:            # the NPU profiler parses offline; its summary may not be in memory
-        summary = {"error": f"no in-memory summary ({type(e).__name__}: {e}); see the trace in {out_dir}"}
-    summary["trace_dir"] = out_dir
-    return gen, summary

@@ -2,12 +2,15 @@
 
 - Each class subclasses one reference part (model.py), reads only this rank's slices of the
   checkpoint, and adds its collective as a visible call with its bytes per token.
-- Head placement follows the A3 recipe (cann-recipes-infer `module/linear.py`, chapter 3): N_r = N / tp query heads per rank,
-  Nkv_r = max(Nkv // tp, 1) KV heads, replicated (rank r uses KV head r // (tp / Nkv)) when tp > Nkv.
+- Head placement (`HeadPlan`) follows the A3 recipe (cann-recipes-infer `module/linear.py`, chapter 3):
+  N_r = N / tp query heads per rank, Nkv_r = max(Nkv // tp, 1) KV heads, replicated (rank r uses
+  KV head r // (tp / Nkv)) when tp > Nkv.
 - Fused weights (wqkv, w13) are built from the logical tensors after slicing each one, so the
   shard of a fused weight is always [q_r | k_r | v_r] or [gate_r | up_r].
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,22 +23,41 @@ from .parallel import TP, all_gather_last_dim, all_reduce
 from .weights import Checkpoint
 
 
-def head_plan(cfg: ModelConfig, tp: TP) -> dict:
-    """Which global query and KV heads rank `tp.rank` holds."""
-    N, Nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    if N % tp.size:
-        raise ValueError(f"num_attention_heads ({N}) is not divisible by the tensor-parallel size ({tp.size})")
-    if tp.size > Nkv and tp.size % Nkv:
-        raise ValueError(f"tensor-parallel size {tp.size} exceeds num_key_value_heads ({Nkv}) and is not a "
-                         f"multiple of it, so KV heads cannot be replicated evenly")
-    if tp.size <= Nkv and Nkv % tp.size:
-        raise ValueError(f"num_key_value_heads ({Nkv}) is not divisible by the tensor-parallel size ({tp.size})")
-    n_r = N // tp.size
-    n_kv_r = max(Nkv // tp.size, 1)
-    first_kv = tp.rank // (tp.size // Nkv) if tp.size > Nkv else tp.rank * n_kv_r
-    return {"q_heads": list(range(tp.rank * n_r, (tp.rank + 1) * n_r)),
-            "kv_heads": list(range(first_kv, first_kv + n_kv_r)),
-            "replication": max(tp.size // Nkv, 1)}
+@dataclass(frozen=True)
+class HeadPlan:
+    """Which global query and KV heads one rank holds: the single answer used by the attention
+    parts, the roofline's byte counts and the launcher's check, so they cannot disagree."""
+    q_heads: tuple[int, ...]      # N_r consecutive query heads
+    kv_heads: tuple[int, ...]     # Nkv_r = max(Nkv // tp, 1) KV heads
+    replication: int              # ranks holding each KV head: tp / Nkv when tp > Nkv, else 1
+
+    @property
+    def n_heads(self) -> int:
+        """N_r: query heads on this rank."""
+        return len(self.q_heads)
+
+    @property
+    def n_kv(self) -> int:
+        """Nkv_r: KV heads on this rank."""
+        return len(self.kv_heads)
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, tp: TP) -> "HeadPlan":
+        """Rank `tp.rank`'s heads; a clear ValueError when the heads cannot be placed evenly."""
+        N, Nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        if N % tp.size:
+            raise ValueError(f"num_attention_heads ({N}) is not divisible by the tensor-parallel size ({tp.size})")
+        if tp.size > Nkv and tp.size % Nkv:
+            raise ValueError(f"tensor-parallel size {tp.size} exceeds num_key_value_heads ({Nkv}) and is not a "
+                             f"multiple of it, so KV heads cannot be replicated evenly")
+        if tp.size <= Nkv and Nkv % tp.size:
+            raise ValueError(f"num_key_value_heads ({Nkv}) is not divisible by the tensor-parallel size ({tp.size})")
+        n_r = N // tp.size
+        n_kv_r = max(Nkv // tp.size, 1)
+        replication = max(tp.size // Nkv, 1)
+        first_kv = tp.rank // replication * n_kv_r           # replicated: KV head r // (tp / Nkv); else r * Nkv_r
+        return cls(q_heads=tuple(range(tp.rank * n_r, (tp.rank + 1) * n_r)),
+                   kv_heads=tuple(range(first_kv, first_kv + n_kv_r)), replication=replication)
 
 
 class AttentionTP(Attention):
@@ -43,11 +65,11 @@ class AttentionTP(Attention):
 
     def __init__(self, cfg: ModelConfig, tp: TP, **kwargs):
         super().__init__(cfg, tp, **kwargs)
-        self.plan = head_plan(cfg, tp)
-        self.n_heads, self.n_kv = len(self.plan["q_heads"]), len(self.plan["kv_heads"])   # N_r, Nkv_r
+        self.plan = HeadPlan.of(cfg, tp)
+        self.n_heads, self.n_kv = self.plan.n_heads, self.plan.n_kv              # N_r, Nkv_r
 
     def load(self, ckpt: Checkpoint, prefix: str, dtype: torch.dtype):
-        D, q0, kv0 = self.D, self.plan["q_heads"][0], self.plan["kv_heads"][0]
+        D, q0, kv0 = self.D, self.plan.q_heads[0], self.plan.kv_heads[0]
         rows = lambda name, first, n: ckpt.get_slice(f"{prefix}{name}.weight", 0, first * D, (first + n) * D, dtype)
         self.q_proj = nn.Parameter(rows("q_proj", q0, self.n_heads), requires_grad=False)    # [N_r*D, H]
         self.k_proj = nn.Parameter(rows("k_proj", kv0, self.n_kv), requires_grad=False)     # [Nkv_r*D, H]

@@ -15,20 +15,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform as host
 import sys
 
 import torch
 
 from qwen3moe_tutorial import platform, roofline
-from qwen3moe_tutorial.benchmark import measure_step
+from qwen3moe_tutorial.benchmark import PEERS, measure_peer, measure_step, summarize
 from qwen3moe_tutorial.config import preset
-from qwen3moe_tutorial.final import git_commit
-from qwen3moe_tutorial.generate import greedy_generate
-from qwen3moe_tutorial.hf import HFCompiledRunner, HFRunner, load_hf_model
 from qwen3moe_tutorial.steps import STEP_NAMES
 from qwen3moe_tutorial.weights import generated_checkpoint
 
@@ -36,26 +31,16 @@ PROMPT = "The Ascend NPU decodes one token at a time."
 
 
 def provenance(args) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               host.processor()) if os.path.exists("/proc/cpuinfo") else host.processor()
-    return {"commit": git_commit(), "device": platform.detect_device(), "cpu": cpu, "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "versions": platform.versions(),
-            "env": platform.relevant_env(), "dtype": "float32", "batch": 1, "new_tokens": args.tokens,
-            "repeats": args.repeats, "protocol": "median decode step after the first, best of repeats",
-            "load_average_at_start": os.getloadavg()[0],
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
-def hf_peer(kind: str, model_path: str, prompt_ids: list[int], tokens: int, repeats: int, max_len: int) -> dict:
-    if kind == "hf_eager":
-        runner = HFRunner(load_hf_model(model_path, experts_implementation="eager"))
-    else:
-        runner = HFCompiledRunner(load_hf_model(model_path, experts_implementation="grouped_mm"), max_len=max_len)
-    runs = [greedy_generate(runner, prompt_ids, tokens) for _ in range(repeats)]
-    best = min(runs, key=lambda g: g.decode_ms_per_token)
-    return {"step": kind, "tp": 1, "token_ids": best.token_ids, "prefill_ms": best.prefill_ms,
-            "decode_ms_per_token": best.decode_ms_per_token, "decode_ms": best.decode_ms,
-            "first_decode_ms": best.first_decode_ms, "compile_s": runs[0].compile_s, "ops_per_token": None}
+    """platform.provenance() (commit, versions, env, host, timestamp) with the run's settings; the
+    host's cpu, cpus and torch_threads also at the top level, where the result files have them.
+    Every measurement of this script runs on the CPU (float32), whatever accelerator the host has."""
+    common = platform.provenance()
+    host = common["host"]
+    return {"commit": common["commit"], "device": "cpu", "cpu": host["cpu"], "cpus": host["cpus"],
+            "torch_threads": host["torch_threads"], "versions": common["versions"], "env": common["env"],
+            "dtype": "float32", "batch": 1, "new_tokens": args.tokens, "repeats": args.repeats,
+            "protocol": "median decode step after the first, best of repeats",
+            "load_average_at_start": os.getloadavg()[0], "timestamp": common["timestamp"], "host": host}
 
 
 def main(argv=None) -> int:
@@ -91,11 +76,11 @@ def main(argv=None) -> int:
     probes = [roofline.measure_read_bandwidth(repeats=10)]    # again after every step: the best counts
     floor_bytes = roofline.bytes_per_token(cfg, args.tp, dtype_bytes=4, context_len=len(prompt_ids) + args.tokens)
     rows = []
-    peers = [] if (args.no_peers or args.tp != 1) else ["hf_eager", "hf_best"]
+    peers = [] if (args.no_peers or args.tp != 1) else list(PEERS)
     for name in peers + (args.steps or list(STEP_NAMES)):
         print(f"== {args.preset} tp={args.tp} {name}", file=sys.stderr, flush=True)
-        if name in ("hf_eager", "hf_best"):
-            row = hf_peer(name, model_path, prompt_ids, args.tokens, args.repeats, max_len)
+        if name in PEERS:
+            row = measure_peer(name, model_path, prompt_ids, args.tokens, args.repeats, max_len)
         else:
             row = measure_step(name, model_path, prompt_ids, args.tokens, tp=args.tp, repeats=args.repeats,
                                max_len=max_len, count_ops=args.tp == 1)
@@ -106,26 +91,11 @@ def main(argv=None) -> int:
         print(f"   {row['decode_ms_per_token']:.2f} ms/token, compile {row['compile_s']:.1f} s", file=sys.stderr)
         probes.append(roofline.measure_read_bandwidth(repeats=10))
 
-    bandwidth = max(probes)
-    floor_ms = floor_bytes["total"] / bandwidth * 1e3
-    reference_tokens = next((r["token_ids"] for r in rows if r["step"] in ("hf_eager", "hf_baseline")), None)
-    summary = {**meta, "read_bandwidth_GBps": bandwidth / 1e9, "bytes_per_token": floor_bytes["total"],
-               "read_bandwidth_probes_GBps": [round(b / 1e9, 2) for b in probes],
-               "read_bandwidth_method": f"torch.sum over 256 MiB of float32, best of 10, {torch.get_num_threads()} "
-                                        f"threads, before the first step and after each; the best probe counts",
-               "floor_ms": floor_ms, "rows": []}
-    for r in rows:
-        entry = {"step": r["step"], "decode_ms_per_token": r["decode_ms_per_token"], "compile_s": r["compile_s"],
-                 "ops_per_token": r["ops_per_token"], "x_floor": r["decode_ms_per_token"] / floor_ms,
-                 "tokens_ok": None if reference_tokens is None else r["token_ids"] == reference_tokens}
-        for peer in ("hf_eager", "hf_best"):
-            base = next((q for q in rows if q["step"] == peer), None)
-            if base:
-                entry[f"speedup_vs_{peer}"] = base["decode_ms_per_token"] / r["decode_ms_per_token"]
-        summary["rows"].append(entry)
+    summary = summarize(meta, rows, floor_bytes["total"], probes)
     with open(os.path.join(args.out, f"{prefix}-summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"floor {floor_ms:.2f} ms/token ({bandwidth / 1e9:.1f} GB/s, {floor_bytes['total'] / 1e6:.1f} MB/token)")
+    print(f"floor {summary['floor_ms']:.2f} ms/token ({summary['read_bandwidth_GBps']:.1f} GB/s, "
+          f"{summary['bytes_per_token'] / 1e6:.1f} MB/token)")
     for e in summary["rows"]:
         extra = " ".join(f"{k}={v:.2f}" for k, v in e.items() if k.startswith("speedup"))
         print(f"{e['step']:20s} {e['decode_ms_per_token']:8.2f} ms  x_floor={e['x_floor']:.2f} "

@@ -12,7 +12,8 @@ import torch
 from qwen3moe_tutorial import compile as compile_py, parallel
 from qwen3moe_tutorial.generate import greedy_generate
 from qwen3moe_tutorial.hf import HFRunner, load_hf_model
-from qwen3moe_tutorial.steps import build_runner, generate_on_rank, launcher_env, recipe_upto
+from qwen3moe_tutorial.launch import GenerationJob, build_runner, launch_environment, launcher_env, run
+from qwen3moe_tutorial.steps import recipe_upto
 
 PROMPT = [286, 1005, 905, 934, 293, 344, 399, 258, 526, 13]
 
@@ -54,9 +55,7 @@ def test_decorated_decode_would_hide_its_code_from_torchairs_watcher(tiny_ckpt):
 
 
 def test_graph_mode_with_collectives_in_the_graph(tiny_ckpt, hf_tokens):
-    job = {"model_path": tiny_ckpt, "upto": "graph_mode", "dtype": torch.float32, "device_kind": "cpu",
-           "max_len": 64, "prompt_ids": PROMPT, "max_new_tokens": 5, "eos_token_id": None}
-    out = parallel.run_on_ranks(generate_on_rank, 2, (job,))
+    out = run(GenerationJob(tiny_ckpt, PROMPT, 5, upto="graph_mode", tp=2, max_len=64))
     assert out["token_ids"] == hf_tokens[:5] and out["compile_s"] > 0
 
 
@@ -142,6 +141,21 @@ def test_aiv_sets_the_launcher_environment(monkeypatch):
     monkeypatch.setenv("HCCL_CONNECT_TIMEOUT", "1800")
     assert launcher_env(recipe_upto("aiv")) == {"HCCL_OP_EXPANSION_MODE": "AI_CPU"}
     assert launcher_env(recipe_upto("aiv"), "npu")["HCCL_CONNECT_TIMEOUT"] == "1800"
+
+
+def test_the_launch_path_sets_the_recipes_environment_for_every_rank_and_takes_it_back(tiny_ckpt, monkeypatch):
+    """launch.run is the one launch path: every rank of an aiv job sees HCCL_OP_EXPANSION_MODE=AIV
+    (spawned ranks inherit it; under torchrun it is set before the process group), and the caller's
+    environment is as it was afterwards."""
+    monkeypatch.delenv("HCCL_OP_EXPANSION_MODE", raising=False)
+    out = run(GenerationJob(tiny_ckpt, PROMPT, 2, upto="aiv", tp=2, max_len=64))
+    assert out["env"]["HCCL_OP_EXPANSION_MODE"] == "AIV"
+    assert "HCCL_OP_EXPANSION_MODE" not in os.environ
+    before = run(GenerationJob(tiny_ckpt, PROMPT, 2, upto="compile_cache", tp=1, max_len=64))
+    assert "HCCL_OP_EXPANSION_MODE" not in before["env"]
+    with launch_environment(recipe_upto("aiv")) as added:
+        assert added == {"HCCL_OP_EXPANSION_MODE": "AIV"} and os.environ["HCCL_OP_EXPANSION_MODE"] == "AIV"
+    assert "HCCL_OP_EXPANSION_MODE" not in os.environ
 
 
 def test_allreduce_benchmark_runs_on_gloo():

@@ -154,17 +154,37 @@ def test_dtype_defaults_to_the_device(capsys, monkeypatch):
     one_line_error(capsys, ["--device", "npu"], "--device npu was requested")      # not a traceback
 
 
-def test_npu_launch_env_is_not_left_behind_without_an_npu(monkeypatch):
-    """On a machine with torch_npu the launcher's NPU settings go in before torch_npu starts; when no
-    NPU turns up they are taken back, so a CPU run's result does not claim them."""
+def test_npu_launch_env_goes_in_before_torch_npu_and_is_taken_back_without_an_npu(monkeypatch):
+    """platform.torch_npu_module is the package's one import of torch_npu: the launcher's NPU settings
+    are in the environment when it starts (they are read then), and taken back when no NPU turns up,
+    so a CPU run's result does not claim them. A stand-in torch_npu records what it saw."""
+    import importlib.abc
+    import importlib.machinery
+
     for name in final.platform.NPU_LAUNCH_ENV:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(final.platform, "torch_npu_installed", lambda: True)
     seen = {}
-    monkeypatch.setattr(final.platform, "detect_device",
-                        lambda requested: seen.update(os.environ) or "cpu")
-    assert final.resolve_device("auto", final.recipe_upto("aiv")) == "cpu"
-    assert seen["HCCL_CONNECT_TIMEOUT"] == "1200" and seen["TASK_QUEUE_ENABLE"] == "2"   # set before detection
+
+    class Loader(importlib.abc.Loader):
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            seen.update(os.environ)
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            return importlib.machinery.ModuleSpec(name, Loader()) if name == "torch_npu" else None
+
+    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    final.platform.torch_npu_module.cache_clear()
+    try:
+        assert final.resolve_device("auto") == "cpu"          # the stand-in registers no torch.npu
+    finally:
+        final.platform.torch_npu_module.cache_clear()
+        sys.modules.pop("torch_npu", None)
+    assert seen["HCCL_CONNECT_TIMEOUT"] == "1200" and seen["TASK_QUEUE_ENABLE"] == "2"   # set before the import
     assert not set(final.platform.NPU_LAUNCH_ENV) & set(os.environ)
 
 

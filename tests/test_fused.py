@@ -2,21 +2,21 @@
 import pytest
 import torch
 
-from qwen3moe_tutorial import fused, parallel
+from qwen3moe_tutorial import fused
 from qwen3moe_tutorial.generate import greedy_generate
 from qwen3moe_tutorial.hf import HFRunner, load_hf_model
 from qwen3moe_tutorial.parallel import TP
 from qwen3moe_tutorial.profile import ops_per_token, profile_decode
-from qwen3moe_tutorial.steps import STEP_NAMES, build_runner, generate_on_rank, recipe_upto
+from qwen3moe_tutorial.launch import GenerationJob, build_runner, run
+from qwen3moe_tutorial.steps import STEP_NAMES, recipe_upto
 from qwen3moe_tutorial.weights import Checkpoint
 
 PROMPT = [286, 1005, 905, 934, 293, 344, 399, 258, 526, 13]
 FUSED = ("fused_routing_gmm", "fused_rmsnorm", "fused_attention")
 
 
-def job(path, upto, n, dtype=torch.float32):
-    return {"model_path": path, "upto": upto, "dtype": dtype, "device_kind": "cpu", "max_len": 64,
-            "prompt_ids": PROMPT, "max_new_tokens": n, "eos_token_id": None}
+def job(path, upto, n, tp, dtype=torch.float32):
+    return GenerationJob(path, PROMPT, n, upto=upto, tp=tp, dtype=dtype, max_len=64)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_each_fused_step_matches_hf_single_rank(upto, tiny_ckpt, other_ckpt, hf_
                                            ("fused_attention", 2, 8), ("fused_attention", 4, 6),
                                            ("fused_attention", 8, 3)])
 def test_fused_steps_under_tp(upto, size, n, tiny_ckpt, hf_tokens):
-    out = parallel.run_on_ranks(generate_on_rank, size, (job(tiny_ckpt, upto, n),))
+    out = run(job(tiny_ckpt, upto, n, size))
     assert out["token_ids"] == hf_tokens[tiny_ckpt][:n]
 
 

@@ -17,7 +17,8 @@ import torch
 
 from qwen3moe_tutorial.generate import greedy_generate
 from qwen3moe_tutorial.platform import device_count, npu_available
-from qwen3moe_tutorial.steps import build_runner, recipe_upto
+from qwen3moe_tutorial.launch import build_runner
+from qwen3moe_tutorial.steps import recipe_upto
 
 pytestmark = [pytest.mark.npu,
               pytest.mark.skipif(not npu_available(), reason="needs torch_npu and an Ascend NPU")]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from qwen3moe_tutorial import ops
+from qwen3moe_tutorial import fused, ops
 from qwen3moe_tutorial.ops import npu as npu_provider
 from qwen3moe_tutorial.ops import reference as R
 
@@ -85,16 +85,8 @@ E, K, H, I, N, NKV, D, S_MAX = 16, 4, 64, 8, 4, 2, 64, 24
 
 
 def moe_block(x, logits, w13, w2):
-    w, idx, _ = ops.npu_moe_gating_top_k_softmax(logits, k=K)
-    w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    T = x.shape[0]
-    ex, eri, counts, _ = ops.npu_moe_init_routing_v2(
-        x, idx, active_num=T * K, expert_num=E, expert_tokens_num_type=1, expert_tokens_num_flag=True,
-        active_expert_range=[0, E])
-    gmm = dict(group_list=counts, group_type=0, group_list_type=1, split_item=3)
-    h = ops.npu_grouped_matmul([ex], [w13], **gmm)[0]
-    y = ops.npu_grouped_matmul([ops.npu_swiglu(h)], [w2], **gmm)[0]
-    return ops.npu_moe_finalize_routing(y, None, None, None, w.to(y.dtype), eri, None, drop_pad_mode=2)
+    """The model's MoE chain itself (`fused.moe_v2`, what FusedRoutingGMM.forward runs), renormalised."""
+    return fused.moe_v2(x, logits, w13, w2, top_k=K, norm_topk_prob=True)
 
 
 def attention_block(h, residual, gamma, wqkv, cos, sin, cache_k, cache_v, kv_len, lengths):

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from qwen3moe_tutorial import ops
+from qwen3moe_tutorial import fused, ops
 from qwen3moe_tutorial.ops import reference as R
 from qwen3moe_tutorial.platform import npu_available
 
@@ -139,18 +139,8 @@ def test_moe_block_v2_end_to_end():
     x, logits = rand(T, H), rand(T, E, seed=1, scale=2.0)
     w13, w2 = rand(E, H, 2 * I_R, seed=2, scale=0.03), rand(E, I_R, H, seed=3, scale=0.1)
 
-    def block(x, logits, w13, w2):
-        w, idx, _ = ops.npu_moe_gating_top_k_softmax(logits, k=K)
-        w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        ex, eri, counts, _ = ops.npu_moe_init_routing_v2(
-            x, idx, active_num=T * K, expert_num=E, expert_tokens_num_type=1, expert_tokens_num_flag=True,
-            active_expert_range=[0, E])
-        gmm = dict(group_list=counts, group_type=0, group_list_type=1, split_item=3)
-        h = ops.npu_grouped_matmul([ex], [w13], **gmm)[0]
-        y = ops.npu_grouped_matmul([ops.npu_swiglu(h)], [w2], **gmm)[0]
-        return ops.npu_moe_finalize_routing(y, None, None, None, w.to(y.dtype), eri, None, drop_pad_mode=2)
-
-    close(block(*on_npu(x, logits, w13, w2)), block(x, logits, w13, w2), LOW)
+    kw = dict(top_k=K, norm_topk_prob=True)                    # the model's chain (FusedRoutingGMM.forward)
+    close(fused.moe_v2(*on_npu(x, logits, w13, w2), **kw), fused.moe_v2(x, logits, w13, w2, **kw), LOW)
 
 
 CAUSAL_2048 = ~torch.tril(torch.ones(2048, 2048, dtype=torch.bool))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
+from qwen3moe_tutorial import fused
 from qwen3moe_tutorial.ops import reference as R
 from qwen3moe_tutorial.ops.reference import OpInputError
 
@@ -511,24 +512,16 @@ def dense_moe(x, logits, w13, w2, K):
 
 
 def moe_v2(x, logits, w13, w2, K):
-    """The recipe's TP path: gating -> init_routing_v2 (counts) -> gmm -> swiglu -> gmm -> finalize(2)."""
-    T, E = logits.shape
-    w, idx, _ = R.npu_moe_gating_top_k_softmax(logits, k=K)
-    w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    ex, eri, counts, _ = R.npu_moe_init_routing_v2(
-        x, idx, active_num=T * K, expert_num=E, expert_tokens_num_type=1, expert_tokens_num_flag=True,
-        active_expert_range=[0, E])
-    gmm = dict(group_list=counts, group_type=0, group_list_type=1, split_item=3)
-    h = R.npu_grouped_matmul([ex], [w13], **gmm)[0]
-    y = R.npu_grouped_matmul([R.npu_swiglu(h)], [w2], **gmm)[0]
-    return R.npu_moe_finalize_routing(y, None, None, None, w.to(y.dtype), eri, None, drop_pad_mode=2)
+    """The model's own MoE chain (fused.moe_v2: gating -> init_routing_v2 -> gmm -> swiglu -> gmm ->
+    finalize(2)), run on the reference kernels."""
+    return fused.moe_v2(x, logits, w13, w2, K, norm_topk_prob=True)
 
 
 def moe_v1(x, logits, w13, w2, K):
     """The documented path: gating -> init_routing (k-major) -> compute_expert_tokens (cumsum) -> finalize(0)."""
     T, E = logits.shape
     w, idx, row_idx = R.npu_moe_gating_top_k_softmax(logits, k=K)
-    w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    w = w / (w.sum(-1, keepdim=True) + fused.RENORM_EPS)
     ex, eri, sorted_experts = R.npu_moe_init_routing(x, row_idx, idx, T)
     ends = R.npu_moe_compute_expert_tokens(sorted_experts, E).long()
     gmm = dict(group_list=ends, group_type=0, group_list_type=0, split_item=3)

@@ -1,10 +1,12 @@
 """The analytic decode model: byte counts against the published model sizes, TP scaling, collectives."""
+import ast
 import time
 
 import pytest
 
-from qwen3moe_tutorial import roofline as rf
+from qwen3moe_tutorial import roofline as rf, steps, tp as tp_py
 from qwen3moe_tutorial.config import PRESETS, preset
+from qwen3moe_tutorial.parallel import TP
 
 GB = 1e9
 Q235, Q30 = preset("qwen3-235b-a22b"), preset("qwen3-30b-a3b")
@@ -58,14 +60,14 @@ def test_split_parts_scale_as_one_over_tp(cfg):
 
 def test_kv_heads_replicated_when_tp_exceeds_kv_heads():
     cfg = Q235                                                             # Nkv = 4
-    assert [rf.kv_heads_per_rank(cfg, tp) for tp in (1, 2, 4, 8, 16)] == [4, 2, 1, 1, 1]
+    assert [tp_py.HeadPlan.of(cfg, TP(0, tp)).n_kv for tp in (1, 2, 4, 8, 16)] == [4, 2, 1, 1, 1]
     kv = {tp: rf.bytes_per_token(cfg, tp=tp)["attention_k_v"] for tp in (1, 2, 4, 8, 16)}
     assert kv[2] * 2 == kv[1] and kv[4] * 4 == kv[1]
     assert kv[8] == kv[4] == kv[16]                                         # one whole head per rank
     ctx = {tp: rf.bytes_per_token(cfg, tp=tp, context_len=1000)["kv_cache"] for tp in (4, 16)}
     assert ctx[4] == ctx[16] == cfg.num_hidden_layers * 2 * 1 * 128 * 1000 * 2
-    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
-        rf.kv_heads_per_rank(cfg, 6)
+    with pytest.raises(ValueError, match="exceeds num_key_value_heads .4. and is not a multiple of it"):
+        rf.bytes_per_token(cfg.replace(num_attention_heads=48), tp=6)   # the head plan's own error
 
 
 def test_uneven_split_is_a_clear_error():
@@ -159,3 +161,21 @@ def test_predicted_ladder_for_the_released_models():
     big = {r["step"]: r for r in predict_ladder(preset("qwen3-235b-a22b"), 16, measured, preset("tiny"))}
     assert not big["reference"]["fits"] and not big["merged_qkv"]["fits"]     # 470 GB does not fit a 64 GB die
     assert big["moe_tp_w13_swiglu"]["fits"]
+
+
+def test_ladder_asks_the_recipe_not_step_names():
+    """No step name is written in the roofline or TP code: what a step changes comes from its
+    recipe's declarations (steps.recipe_upto), so renaming or adding a step needs no edit here."""
+    for module in (rf, tp_py):
+        constants = {n.value for n in ast.walk(ast.parse(open(module.__file__).read()))
+                     if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert not constants & set(steps.STEP_NAMES), module.__name__
+    measured = dict.fromkeys(steps.STEP_NAMES, 100)
+    rows = rf.predict_ladder(Q30, 8, measured, preset("tiny"))
+    for row in rows:
+        recipe = steps.recipe_upto(row["step"])
+        assert row["tp"] == (8 if recipe.tensor_parallel else 1)
+        assert row["assumptions"]["launch"] == ("graph" if recipe.graph else "eager")
+        assert row["assumptions"]["hccl"] == recipe.env.get("HCCL_OP_EXPANSION_MODE", "AI_CPU")
+    subset = rf.predict_ladder(Q30, 8, measured, preset("tiny"), steps=(rows[-1]["step"], rows[0]["step"]))
+    assert [r["total_ms"] for r in subset] == [rows[-1]["total_ms"], rows[0]["total_ms"]]

@@ -1,4 +1,5 @@
 """Tensor parallelism: layouts, shard arithmetic, per-rank reads, and the invariant for tp 1/2/4/8."""
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -9,20 +10,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen3moe_tutorial import parallel, tp as tp_py
+from qwen3moe_tutorial import launch, parallel, tp as tp_py
 from qwen3moe_tutorial.config import preset
 from qwen3moe_tutorial.generate import ModelRunner, greedy_generate
 from qwen3moe_tutorial.hf import HFRunner, load_hf_model
 from qwen3moe_tutorial.parallel import TP, RankError
-from qwen3moe_tutorial.steps import check_parallel, generate_on_rank, recipe_upto
+from qwen3moe_tutorial.steps import check_parallel, recipe_upto
 from qwen3moe_tutorial.weights import Checkpoint
 
 PROMPT = [286, 1005, 905, 934, 293, 344, 399, 258, 526, 13]
 
 
-def job(path, upto, n, prompt=PROMPT):
-    return {"model_path": path, "upto": upto, "dtype": torch.float32, "device_kind": "cpu", "max_len": 64,
-            "prompt_ids": prompt, "max_new_tokens": n, "eos_token_id": None}
+def job(path, upto, n, size, prompt=PROMPT):
+    return launch.GenerationJob(path, prompt, n, upto=upto, tp=size, device_kind="cpu", dtype=torch.float32,
+                                max_len=64)
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +34,17 @@ def hf_tokens(tiny_ckpt, other_ckpt):
 
 def test_head_plan_matches_the_recipe():
     a30 = preset("qwen3-30b-a3b")            # 32 heads, 4 KV heads
-    plans = [tp_py.head_plan(a30, TP(r, 8)) for r in range(8)]
-    assert [p["kv_heads"] for p in plans] == [[r // 2] for r in range(8)]          # KV head r // 2
-    assert plans[5]["q_heads"] == [20, 21, 22, 23] and plans[5]["replication"] == 2
-    assert tp_py.head_plan(a30, TP(1, 4))["kv_heads"] == [1]                        # no replication
+    plans = [tp_py.HeadPlan.of(a30, TP(r, 8)) for r in range(8)]
+    assert [p.kv_heads for p in plans] == [(r // 2,) for r in range(8)]           # KV head r // 2
+    assert plans[5].q_heads == (20, 21, 22, 23) and plans[5].replication == 2
+    assert (plans[5].n_heads, plans[5].n_kv) == (4, 1)
+    assert tp_py.HeadPlan.of(a30, TP(1, 4)) == tp_py.HeadPlan((8, 9, 10, 11, 12, 13, 14, 15), (1,), 1)
     b235 = preset("qwen3-235b-a22b")
-    assert [tp_py.head_plan(b235, TP(r, 16))["kv_heads"][0] for r in range(16)] == [r // 4 for r in range(16)]
-    assert tp_py.head_plan(preset("tiny"), TP(0, 1))["kv_heads"] == [0, 1]
+    assert [tp_py.HeadPlan.of(b235, TP(r, 16)).kv_heads[0] for r in range(16)] == [r // 4 for r in range(16)]
+    assert tp_py.HeadPlan.of(b235, TP(1, 2)).kv_heads == (2, 3)                   # Nkv_r = 2, no replication
+    assert tp_py.HeadPlan.of(preset("tiny"), TP(0, 1)).kv_heads == (0, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plans[0].replication = 1
 
 
 @pytest.mark.parametrize("cfg_changes, size, words", [
@@ -75,9 +80,10 @@ def test_merged_qkv_layout_round_trip(tiny_ckpt):
         attn = model.layers[1].attn
         assert attn.qkv_proj.shape == ((2 + 2 * 1) * 64, 128)     # N_r = 2, Nkv_r = 1 (replicated), D = 64
         qr, kr, vr = attn.project_qkv(x)
-        assert torch.allclose(qr, q[:, :, attn.plan["q_heads"]], atol=1e-6)
-        assert torch.allclose(kr, k[:, :, attn.plan["kv_heads"]], atol=1e-6)
-        assert torch.allclose(vr, v[:, :, attn.plan["kv_heads"]], atol=1e-6)
+        assert (attn.n_heads, attn.n_kv) == (attn.plan.n_heads, attn.plan.n_kv) == (2, 1)
+        assert torch.allclose(qr, q[:, :, list(attn.plan.q_heads)], atol=1e-6)
+        assert torch.allclose(kr, k[:, :, list(attn.plan.kv_heads)], atol=1e-6)
+        assert torch.allclose(vr, v[:, :, list(attn.plan.kv_heads)], atol=1e-6)
 
 
 def test_w13_layout_and_partial_sums(tiny_ckpt):
@@ -119,7 +125,7 @@ def test_each_rank_reads_only_its_share(tiny_ckpt):
 @pytest.mark.parametrize("size", [1, 2, 4, 8])
 def test_invariant_full_tp_ladder(size, tiny_ckpt, hf_tokens):
     n = 8 if size < 8 else 4
-    tokens = parallel.run_on_ranks(generate_on_rank, size, (job(tiny_ckpt, "moe_tp_w13_swiglu", n),))["token_ids"]
+    tokens = launch.run(job(tiny_ckpt, "moe_tp_w13_swiglu", n, size))["token_ids"]
     assert tokens == hf_tokens[tiny_ckpt][:n]
 
 
@@ -127,14 +133,14 @@ def test_invariant_full_tp_ladder(size, tiny_ckpt, hf_tokens):
 def test_invariant_intermediate_steps(upto, tiny_ckpt, hf_tokens):
     for size in (2, 8):
         n = 6 if size == 2 else 3
-        out = parallel.run_on_ranks(generate_on_rank, size, (job(tiny_ckpt, upto, n),))
+        out = launch.run(job(tiny_ckpt, upto, n, size))
         assert out["token_ids"] == hf_tokens[tiny_ckpt][:n]
 
 
 def test_invariant_other_architecture(other_ckpt, hf_tokens):
     """No GQA, tied embeddings, no top-k renormalisation, N*D != H."""
     for size in (2, 4):
-        out = parallel.run_on_ranks(generate_on_rank, size, (job(other_ckpt, "moe_tp_w13_swiglu", 6),))
+        out = launch.run(job(other_ckpt, "moe_tp_w13_swiglu", 6, size))
         assert out["token_ids"] == hf_tokens[other_ckpt][:6]
 
 
@@ -169,7 +175,7 @@ def test_missing_shard_on_a_rank_fails_cleanly(tmp_path, tiny_ckpt):
     broken = shutil.copytree(tiny_ckpt, tmp_path / "broken")
     os.remove(broken / "model-00003-of-00003.safetensors")
     with pytest.raises(Exception, match="model-00003-of-00003.safetensors"):
-        parallel.run_on_ranks(generate_on_rank, 2, (job(str(broken), "moe_tp_w13_swiglu", 2),))
+        launch.run(job(str(broken), "moe_tp_w13_swiglu", 2, 2))
 
 
 def test_torchrun_path(tmp_path, tiny_ckpt, hf_tokens):

@@ -106,6 +106,17 @@ def first_step(flag: str) -> Step:
     return next(s for s in STEPS if getattr(s, flag))
 
 
+class _Declared:
+    """A Recipe attribute answered by the table: true once any enabled step declares the Step flag
+    of the same name."""
+
+    def __set_name__(self, owner, name):
+        self.flag = name
+
+    def __get__(self, recipe, owner=None):
+        return self if recipe is None else any(getattr(step(name), self.flag) for name in recipe.steps)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """What to build: the engine (transformers or ours), our model's parts, how decode is run
@@ -115,28 +126,11 @@ class Recipe:
     runner: type = ModelRunner
     steps: tuple[str, ...] = ()
 
-    def _declared(self, flag: str) -> bool:
-        return any(getattr(step(name), flag) for name in self.steps)
-
-    @property
-    def tensor_parallel(self) -> bool:
-        return self._declared("tensor_parallel")
-
-    @property
-    def splits_experts(self) -> bool:
-        return self._declared("splits_experts")
-
-    @property
-    def grouped_experts(self) -> bool:
-        return self._declared("grouped_experts")
-
-    @property
-    def graph(self) -> bool:
-        return self._declared("graph")
-
-    @property
-    def cached_graph(self) -> bool:
-        return self._declared("cached_graph")
+    tensor_parallel = _Declared()           # each True once an enabled step declares it (Step's flags)
+    splits_experts = _Declared()
+    grouped_experts = _Declared()
+    graph = _Declared()
+    cached_graph = _Declared()
 
     @property
     def env(self) -> dict[str, str]:

@@ -143,15 +143,17 @@ def test_aiv_sets_the_launcher_environment(monkeypatch):
     assert launcher_env(recipe_upto("aiv"), "npu")["HCCL_CONNECT_TIMEOUT"] == "1800"
 
 
-def test_the_launch_path_sets_the_recipes_environment_for_every_rank_and_takes_it_back(tiny_ckpt, monkeypatch):
+def test_the_launch_path_sets_the_recipes_environment_for_every_rank_and_takes_it_back(tiny_ckpt, tmp_path,
+                                                                                       monkeypatch):
     """launch.run is the one launch path: every rank of an aiv job sees HCCL_OP_EXPANSION_MODE=AIV
     (spawned ranks inherit it; under torchrun it is set before the process group), and the caller's
     environment is as it was afterwards."""
     monkeypatch.delenv("HCCL_OP_EXPANSION_MODE", raising=False)
-    out = run(GenerationJob(tiny_ckpt, PROMPT, 2, upto="aiv", tp=2, max_len=64))
+    out = run(GenerationJob(tiny_ckpt, PROMPT, 2, upto="aiv", tp=2, max_len=64, compile_cache=str(tmp_path)))
     assert out["env"]["HCCL_OP_EXPANSION_MODE"] == "AIV"
     assert "HCCL_OP_EXPANSION_MODE" not in os.environ
-    before = run(GenerationJob(tiny_ckpt, PROMPT, 2, upto="compile_cache", tp=1, max_len=64))
+    before = run(GenerationJob(tiny_ckpt, PROMPT, 2, upto="compile_cache", tp=1, max_len=64,
+                               compile_cache=str(tmp_path)))
     assert "HCCL_OP_EXPANSION_MODE" not in before["env"]
     with launch_environment(recipe_upto("aiv")) as added:
         assert added == {"HCCL_OP_EXPANSION_MODE": "AIV"} and os.environ["HCCL_OP_EXPANSION_MODE"] == "AIV"

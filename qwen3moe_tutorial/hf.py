@@ -18,10 +18,14 @@ def load_hf_model(model_path: str, dtype: torch.dtype = torch.float32, device: s
     from transformers import Qwen3MoeForCausalLM
     from transformers.utils import logging
 
+    shown = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()
-    model = Qwen3MoeForCausalLM.from_pretrained(model_path, dtype=dtype,
-                                                experts_implementation=experts_implementation)
-    logging.enable_progress_bar()
+    try:
+        model = Qwen3MoeForCausalLM.from_pretrained(model_path, dtype=dtype,
+                                                    experts_implementation=experts_implementation)
+    finally:
+        if shown:                                  # leave the caller's setting as it was
+            logging.enable_progress_bar()
     return model.to(device).eval()
 
 

@@ -9,10 +9,12 @@
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing as mp
 import os
 import queue
+import signal
 import tempfile
 import threading
 import time
@@ -159,11 +161,27 @@ def spawn(fn, world_size: int, args: tuple = (), device_kind: str = "cpu", timeo
                              args=(fn, r, world_size, os.path.join(tmp, "store"), device_kind, args, results))
                  for r in range(world_size)]
         try:
-            for p in procs:
-                p.start()
+            with _sigint_blocked():
+                for p in procs:
+                    p.start()
             return _collect(procs, results, timeout_s)
         finally:
             _stop(procs)
+
+
+@contextlib.contextmanager
+def _sigint_blocked():
+    """Start workers with SIGINT blocked: they inherit the mask and never see Ctrl-C (a rank interrupted
+    while it imports torch would print a traceback); the launcher gets it as soon as the mask is
+    restored, and stops them (`_stop`)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 PEER_LOSS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "pair.cc", "Timed out")

@@ -312,16 +312,18 @@ def _twin_count(top_k: int, norm_topk_prob: bool, group: int, step: str) -> Kern
 
     from transformers.utils import logging
 
+    shown = logging.is_progress_bar_enabled()
     base = preset("tiny").replace(num_experts_per_tok=top_k, norm_topk_prob=norm_topk_prob)
     counts = []
-    logging.disable_progress_bar()                   # the twins are written silently
     with tempfile.TemporaryDirectory(prefix="qwen3moe-twin-") as tmp:
         for layers in (1, 2):
             twin = twin_config(base, 1, layers).replace(num_attention_heads=2 * group)
+            logging.disable_progress_bar()           # the twins are written silently
             path = make_tiny_checkpoint(os.path.join(tmp, f"L{layers}"), twin, seed=0)
             runner = build_runner(recipe_upto(step), path, max_len=32)
             counts.append(ops_per_token(profile_decode(runner, [1, 2, 3, 4], steps=1, warmup=1))[0])
-    logging.enable_progress_bar()
+    if shown:
+        logging.enable_progress_bar()
     one, two = (round(c) for c in counts)
     return KernelCount(per_layer=two - one, per_token=2 * one - two)
 
@@ -491,27 +493,33 @@ def plot_waterfall(rows: list[dict], title: str, target_ms: float | None = WRITE
     """Stacked bars (the four terms) per step on a linear axis, each bar labelled with its total; steps
     whose weights do not fit one device are hatched; the write-up's target as a line."""
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     ax = ax or plt.subplots(figsize=(10, 3.6))[1]
     names = [r["step"] for r in rows]
     bottom = [0.0] * len(rows)
     colors = {"memory_ms": "#4c72b0", "kernel_floor_ms": "#55a868", "dispatch_ms": "#8c8c8c",
               "collectives_ms": "#c0504d"}
+    label = lambda term: term.removesuffix("_ms").replace("_", " ")
     for term in TERMS:
         values = [r[term] for r in rows]
-        bars = ax.bar(names, values, bottom=bottom, color=colors[term], label=term.removesuffix("_ms").replace("_", " "))
+        bars = ax.bar(names, values, bottom=bottom, color=colors[term])
         for bar, r in zip(bars, rows):
             if not r["fits"]:
                 bar.set_hatch("//")
         bottom = [b + v for b, v in zip(bottom, values)]
     for x, r in enumerate(rows):
         ax.annotate(f"{r['total_ms']:.1f}", (x, r["total_ms"]), ha="center", va="bottom", fontsize=8)
+    handles = [Patch(color=colors[t], label=label(t)) for t in TERMS]
+    if not all(r["fits"] for r in rows):
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="does not fit one device"))
     if target_ms:
-        ax.axhline(target_ms, color="k", ls="--", lw=1, label=f"write-up: < {target_ms:.0f} ms")
+        handles.append(ax.axhline(target_ms, color="k", ls="--", lw=1, label=f"write-up: < {target_ms:.0f} ms"))
+    ax.margins(y=0.12)                                   # room for the tallest bar's label
     ax.set_ylabel("predicted ms / token")
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=35, labelsize=8)
-    ax.legend(fontsize=8)
+    ax.legend(handles=handles, fontsize=8)
     return ax
 
 

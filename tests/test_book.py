@@ -231,3 +231,36 @@ def test_every_figure_has_alt_text(notebook):
                      f"to see; at least {MIN_ALT_CHARS} characters) in the code cell's metadata in the .md:\n"
                      f"  ---\n  mystnb:\n    image:\n      alt: Bar chart of ...\n  ---\n"
                      f"then carry it into the .ipynb (jupytext --update --to ipynb, or re-execute).")
+
+
+# ---- (d) every A3 number comes from the one model ----------------------------------------------------
+def stored_text(notebook: Path) -> str:
+    """Every stored text output of an executed notebook (streams and text/plain), joined."""
+    out = []
+    for cell in json.loads(notebook.read_text(encoding="utf-8"))["cells"]:
+        for o in cell.get("outputs", []):
+            text = o.get("text") if o["output_type"] == "stream" else (o.get("data") or {}).get("text/plain")
+            if text:
+                out.append(text if isinstance(text, str) else "".join(text))
+    return "".join(out)
+
+
+@pytest.mark.parametrize("step", [s.name for s in __import__("qwen3moe_tutorial.steps").steps.STEPS])
+def test_each_chapter_opens_with_its_predicted_a3_row(step):
+    """A chapter's A3 prediction is `roofline.step_change` of its step, printed as the model computes it
+    now: a stale or typed number fails here."""
+    from qwen3moe_tutorial import roofline
+    from qwen3moe_tutorial.steps import step as ladder_step
+
+    notebook = ROOT / "notebooks" / f"{ladder_step(step).chapter}.ipynb"
+    assert roofline.step_change(step) in stored_text(notebook), \
+        f"{rel(notebook)} does not show roofline.step_change({step!r}) as the model computes it now; re-execute it"
+
+
+def test_overview_shows_the_whole_predicted_ladder():
+    from qwen3moe_tutorial import roofline
+    from qwen3moe_tutorial.config import preset
+
+    text = stored_text(ROOT / "notebooks" / "00_overview_and_roofline.ipynb")
+    for name, tp in roofline.BOOK_CONFIGS:
+        assert roofline.format_ladder(roofline.predict_ladder(preset(name), tp)) in text, (name, tp)

@@ -30,6 +30,7 @@ from .steps import STEP_NAMES, recipe_upto
 # The two Hugging Face peers of the benchmark: transformers as a user runs it (eager experts,
 # DynamicCache), and at its fastest here (grouped_mm experts, StaticCache, torch.compile'd decode).
 HF_EAGER, HF_BEST = PEERS = ("hf_eager", "hf_best")
+LLAMA_CPP = "llama_cpp"          # llama.cpp on the same checkpoint at f32 (scripts/llama_cpp_peer.py), optional
 
 
 def best_of_repeats(generate: Callable[[], dict], repeats: int) -> dict:
@@ -138,8 +139,9 @@ def summarize(meta: dict, rows: list[dict], bytes_per_token: int, bandwidth_prob
         ms = r["decode_ms_per_token"]
         entry = {"step": r["step"], "decode_ms_per_token": ms, "compile_s": r["compile_s"],
                  "ops_per_token": r["ops_per_token"], "x_floor": None if ms is None else ms / floor_ms,
-                 "tokens_ok": None if reference_tokens is None else r["token_ids"] == reference_tokens}
-        for peer in PEERS:
+                 "tokens_ok": None if reference_tokens is None or r["token_ids"] is None   # llama.cpp: not read
+                 else r["token_ids"] == reference_tokens}
+        for peer in (*PEERS, LLAMA_CPP):
             base = next((q["decode_ms_per_token"] for q in rows if q["step"] == peer), False)
             if base is not False:          # a peer that was measured (its time may be None: one token)
                 entry[f"speedup_vs_{peer}"] = None if base is None or not ms else base / ms

@@ -22,7 +22,7 @@ import sys
 import torch
 
 from qwen3moe_tutorial import platform, roofline
-from qwen3moe_tutorial.benchmark import PEERS, measure_peer, measure_step, summarize
+from qwen3moe_tutorial.benchmark import LLAMA_CPP, PEERS, measure_peer, measure_step, summarize
 from qwen3moe_tutorial.config import preset
 from qwen3moe_tutorial.steps import STEP_NAMES
 from qwen3moe_tutorial.weights import generated_checkpoint
@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for every measurement (default: torch's own); ranks inherit it")
+    p.add_argument("--llama-cpp", nargs="?", const="", default=None, metavar="DIR",
+                   help="also run llama.cpp (built by scripts/llama_cpp_peer.py build, in DIR or its default) on "
+                        "the same checkpoint at f32 with the same thread count, interleaved with the last step")
     args = p.parse_args(argv)
 
     if args.threads is not None:
@@ -91,7 +94,39 @@ def main(argv=None) -> int:
         print(f"   {row['decode_ms_per_token']:.2f} ms/token, compile {row['compile_s']:.1f} s", file=sys.stderr)
         probes.append(roofline.measure_read_bandwidth(repeats=10))
 
+    interleaved = []
+    if args.llama_cpp is not None:
+        import llama_cpp_peer as peer
+
+        root = args.llama_cpp or peer.default_dir()
+        gguf = os.path.join(os.path.dirname(model_path), f"{os.path.basename(model_path)}-f32.gguf")
+        if not os.path.isfile(gguf):
+            peer.convert(root, model_path, gguf)
+        last = (args.steps or list(STEP_NAMES))[-1]
+        threads = torch.get_num_threads()
+        for _ in range(args.repeats):          # one run of each per round: both see the same machine state
+            print(f"== {args.preset} interleaved: {last} and {LLAMA_CPP}", file=sys.stderr, flush=True)
+            ours = measure_step(last, model_path, prompt_ids, args.tokens, tp=args.tp, repeats=1,
+                                max_len=max_len, count_ops=False)["decode_ms_per_token"]
+            theirs = peer.bench(root, gguf, threads, args.tokens, repeats=1)
+            interleaved.append({"step": last, "ours_ms": ours, "llama_cpp_ms": theirs["decode_ms_per_token"]})
+        with open(os.path.join(root, "build_info.json")) as f:
+            build_info = json.load(f)
+        best = min(interleaved, key=lambda r: r["llama_cpp_ms"])
+        row = {**meta, "step": LLAMA_CPP, "tp": 1, "token_ids": None, "prefill_ms": None,
+               "decode_ms_per_token": best["llama_cpp_ms"], "decode_ms": [r["llama_cpp_ms"] for r in interleaved],
+               "first_decode_ms": None, "compile_s": 0.0, "ops_per_token": None,
+               "llama_cpp": {**{k: v for k, v in theirs.items() if k not in ("decode_ms_per_token",
+                                                                              "samples_ms_per_token")},
+                             "build": build_info, "gguf": os.path.basename(gguf), "outtype": "f32"},
+               "interleaved_with": last, "interleaved": interleaved}
+        rows.append(row)
+        with open(os.path.join(args.out, f"{prefix}-{LLAMA_CPP}.json"), "w") as f:
+            json.dump(row, f, indent=1)
+
     summary = summarize(meta, rows, floor_bytes["total"], probes)
+    if interleaved:
+        summary["interleaved_vs_llama_cpp"] = interleaved
     with open(os.path.join(args.out, f"{prefix}-summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"floor {summary['floor_ms']:.2f} ms/token ({summary['read_bandwidth_GBps']:.1f} GB/s, "

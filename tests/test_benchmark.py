@@ -114,3 +114,32 @@ def test_a_step_and_the_eager_peer_give_rows_of_the_same_shape(tiny_ckpt):
     assert ours["ops_per_token"] > 0 and peer["ops_per_token"] is None and peer["compile_s"] == 0.0
     with pytest.raises(ValueError, match="peers are"):
         measure_peer("hf_fast", tiny_ckpt, prompt, 3)
+
+
+def test_llama_cpp_peer_reads_llama_bench_json(tmp_path):
+    """scripts/llama_cpp_peer.py: ms per token from llama-bench's JSON (avg and each repetition), the
+    build that measured it, and a command line without this machine's paths. A stand-in llama-bench
+    prints what the real one prints (its README's JSON format)."""
+    import importlib.util
+    import json
+    import stat
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "llama_cpp_peer", Path(__file__).parent.parent / "scripts" / "llama_cpp_peer.py")
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    bin_dir = tmp_path / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp" / "build" / "bin"
+    bin_dir.mkdir(parents=True)
+    fake = bin_dir / "llama-bench"
+    row = {"build_commit": "0c1e570", "build_number": 1, "cpu_info": "AMD EPYC", "model_type": "qwen3moe",
+           "n_threads": 2, "avg_ts": 160.0, "samples_ns": [300_000_000, 325_000_000]}
+    fake.write_text(f"#!/bin/sh\necho '{json.dumps([row])}'\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    out = peer.bench(str(tmp_path), str(tmp_path / "m.gguf"), threads=2, tokens=50, repeats=2)
+    assert out["decode_ms_per_token"] == pytest.approx(1e3 / 160.0)
+    assert out["samples_ms_per_token"] == pytest.approx([6.0, 6.5])           # 300 ms / 50 tokens, 325 / 50
+    assert out["build_commit"] == "0c1e570" and out["threads"] == 2
+    assert out["command"] == "llama-bench -m m.gguf -p 0 -n 50 -t 2 -r 2 -o json"
+    with pytest.raises(SystemExit, match="build"):
+        peer.bench(str(tmp_path / "nothing"), "m.gguf", 2, 50)

@@ -61,19 +61,18 @@ def detect_device(requested: str = "auto") -> str:
     if requested not in ("auto", *DEVICE_KINDS):
         raise ValueError(f"device must be one of auto, npu, cuda, cpu; got {requested!r}")
     if requested == "auto":
-        if npu_available():
-            return "npu"
-        _take_back_npu_env()
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested != "npu":
-        _take_back_npu_env()
-    if requested == "npu" and not npu_available():
+        kind = "npu" if npu_available() else "cuda" if torch.cuda.is_available() else "cpu"
+    elif requested == "npu" and not npu_available():
         _take_back_npu_env()
         raise RuntimeError("--device npu was requested but torch_npu is not installed or sees no NPU "
                            "(install requirements-npu.txt and source CANN's set_env.sh)")
-    if requested == "cuda" and not torch.cuda.is_available():
+    elif requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was requested but torch sees no CUDA device")
-    return requested
+    else:
+        kind = requested
+    if kind != "npu":
+        _take_back_npu_env()
+    return kind
 
 
 def torch_device(kind: str, local_rank: int = 0) -> torch.device:

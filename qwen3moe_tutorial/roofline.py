@@ -3,8 +3,11 @@
 - Counts per-RANK bytes for tensor parallelism as laid out by the recipe (cann-recipes-infer `module/linear.py`; chapters 3-5):
   q/o and experts split over ranks, K/V heads replicated when tp > Nkv (heads placed by `tp.HeadPlan`),
   router and norms replicated, embedding/lm_head split by vocabulary. Only the K activated experts are counted.
-- Predicts decode latency as memory + collectives + dispatch, each term from explicit,
-  adjustable assumptions (`ALLREDUCE_US`, `LAUNCH_US`, `BANDWIDTH_EFFICIENCY`, `SCENARIOS`).
+- Predicts the A3 decode latency of every ladder step (`predict_ladder`): kernels counted on our own
+  code, each kernel's device time max(its bytes / achievable bandwidth, a fixed floor), host dispatch
+  in eager mode, collectives at the recipe's HCCL mode; every parameter a named range with its source
+  (`KERNEL_FLOOR_US`, `HOST_DISPATCH_US`, `GRAPH_LAUNCH_US`, `ALLREDUCE_US`, `BANDWIDTH_EFFICIENCY`),
+  checked against published runs (`calibration`).
 - Deliberately not a simulator: no overlap of compute with communication, no cache effects,
   no activation traffic (a few KB per layer at batch 1), and FLOPs never limit batch-1 decode.
 
@@ -279,11 +282,16 @@ def twin_config(cfg: ModelConfig, tp: int, layers: int) -> ModelConfig:
     """A small model whose decode runs the same kernels as one rank of `cfg` at `tp`: the same top-k
     (at batch 1 exactly K experts run), the same norm_topk_prob and query heads per KV head, small sizes."""
     heads = HeadPlan.of(cfg, TP(0, tp))
-    group = heads.n_heads // heads.n_kv
-    return cfg.replace(name=f"twin-{cfg.name}-tp{tp}-L{layers}", vocab_size=1024, hidden_size=64, head_dim=64,
-                       num_attention_heads=2 * group, num_key_value_heads=2, num_hidden_layers=layers,
-                       num_experts=max(16, 2 * cfg.num_experts_per_tok), moe_intermediate_size=16,
-                       max_position_embeddings=64, tie_word_embeddings=False)
+    return _twin(cfg.num_experts_per_tok, cfg.norm_topk_prob, heads.n_heads // heads.n_kv, layers)
+
+
+def _twin(top_k: int, norm_topk_prob: bool, group: int, layers: int) -> ModelConfig:
+    from .config import preset
+
+    return preset("tiny").replace(name=f"twin-k{top_k}-g{group}-L{layers}", vocab_size=1024, hidden_size=64,
+                                  head_dim=64, num_attention_heads=2 * group, num_key_value_heads=2,
+                                  num_hidden_layers=layers, num_experts=max(16, 2 * top_k), num_experts_per_tok=top_k,
+                                  norm_topk_prob=norm_topk_prob, moe_intermediate_size=16, max_position_embeddings=64)
 
 
 def kernels_per_token(cfg: ModelConfig, tp: int, step: str) -> KernelCount:
@@ -292,10 +300,10 @@ def kernels_per_token(cfg: ModelConfig, tp: int, step: str) -> KernelCount:
     eager decode on a 1-layer and a 2-layer twin of `cfg` (`twin_config`); the difference is the
     per-layer count. A graph step runs the kernels of the eager step before it. Collectives are not
     counted here (a twin runs on one rank): `collective_count` adds them."""
-    from .steps import STEPS, recipe_upto
+    from .steps import STEP_NAMES, recipe_upto
 
-    upto = STEPS[: [s.name for s in STEPS].index(step) + 1]
-    eager = next(s.name for s in reversed(upto) if not recipe_upto(s.name).graph)
+    upto = STEP_NAMES[: STEP_NAMES.index(step) + 1]
+    eager = next(name for name in reversed(upto) if not recipe_upto(name).graph)
     heads = HeadPlan.of(cfg, TP(0, tp))
     return _twin_count(cfg.num_experts_per_tok, cfg.norm_topk_prob, heads.n_heads // heads.n_kv, eager)
 
@@ -304,26 +312,25 @@ def kernels_per_token(cfg: ModelConfig, tp: int, step: str) -> KernelCount:
 def _twin_count(top_k: int, norm_topk_prob: bool, group: int, step: str) -> KernelCount:
     import tempfile
 
-    from .config import preset
+    from transformers.utils import logging
+
     from .launch import build_runner
     from .profile import ops_per_token, profile_decode
     from .steps import recipe_upto
     from .weights import make_tiny_checkpoint
 
-    from transformers.utils import logging
-
     shown = logging.is_progress_bar_enabled()
-    base = preset("tiny").replace(num_experts_per_tok=top_k, norm_topk_prob=norm_topk_prob)
     counts = []
-    with tempfile.TemporaryDirectory(prefix="qwen3moe-twin-") as tmp:
-        for layers in (1, 2):
-            twin = twin_config(base, 1, layers).replace(num_attention_heads=2 * group)
-            logging.disable_progress_bar()           # the twins are written silently
-            path = make_tiny_checkpoint(os.path.join(tmp, f"L{layers}"), twin, seed=0)
-            runner = build_runner(recipe_upto(step), path, max_len=32)
-            counts.append(ops_per_token(profile_decode(runner, [1, 2, 3, 4], steps=1, warmup=1))[0])
-    if shown:
-        logging.enable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory(prefix="qwen3moe-twin-") as tmp:
+            for layers in (1, 2):
+                logging.disable_progress_bar()       # the twins are written silently
+                path = make_tiny_checkpoint(os.path.join(tmp, f"L{layers}"), _twin(top_k, norm_topk_prob, group, layers))
+                runner = build_runner(recipe_upto(step), path, max_len=32)
+                counts.append(ops_per_token(profile_decode(runner, [1, 2, 3, 4], steps=1, warmup=1))[0])
+    finally:
+        if shown:
+            logging.enable_progress_bar()
     one, two = (round(c) for c in counts)
     return KernelCount(per_layer=two - one, per_token=2 * one - two)
 
@@ -339,13 +346,12 @@ def collective_count(cfg: ModelConfig, tp: int, recipe) -> int:
 
 def weight_kernels(cfg: ModelConfig, tp: int, recipe, dtype_bytes: int = 2, context_len: int = DEFAULT_CONTEXT):
     """(name, kernels per token, HBM bytes each) of the kernels that stream weights or the KV cache, one
-    rank, from the recipe's parts: separate or merged q/k/v; experts in a loop (K x gate/up/down, or K x
+    rank of `tp` (1 where the recipe runs on one device), from the recipe's parts: separate or merged q/k/v; experts in a loop (K x gate/up/down, or K x
     w13/w2 once split) or in two grouped matmuls; the attention kernel reading the cache."""
     L, H, D, K = cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim, cfg.num_experts_per_tok
-    size = tp if recipe.tensor_parallel else 1
-    heads = HeadPlan.of(cfg, TP(0, size))
+    heads = HeadPlan.of(cfg, TP(0, tp))
     q, kv = heads.n_heads * D * H * dtype_bytes, heads.n_kv * D * H * dtype_bytes
-    I_r = cfg.moe_intermediate_size // (size if recipe.splits_experts else 1)
+    I_r = _per_rank(cfg.moe_intermediate_size, tp if recipe.splits_experts else 1, "moe_intermediate_size")
     expert = I_r * H * dtype_bytes                                     # one [I_r, H] matrix
     merged = "qkv_proj" in getattr(recipe.parts.attention, "nz_weights", ())
     rows = ([("qkv matmul", L, q + 2 * kv)] if merged else [("q matmul", L, q), ("k matmul", L, kv), ("v matmul", L, kv)])
@@ -357,8 +363,7 @@ def weight_kernels(cfg: ModelConfig, tp: int, recipe, dtype_bytes: int = 2, cont
         rows += [("expert w13 matmul", L * K, 2 * expert), ("expert w2 matmul", L * K, expert)]
     else:
         rows += [("expert gate/up/down matmul", L * K * 3, expert)]
-    V_r = cfg.vocab_size // size
-    rows.append(("lm_head matmul", 1, V_r * H * dtype_bytes))
+    rows.append(("lm_head matmul", 1, _per_rank(cfg.vocab_size, tp, "vocab_size") * H * dtype_bytes))
     return rows
 
 

@@ -3,8 +3,11 @@
 - `Checkpoint` opens single-file or sharded (`model.safetensors.index.json`) checkpoints, reads
   whole tensors or slices (`get_slice`), counts the bytes it read, and checks names and shapes
   against the config before anything is loaded. It never reads a tensor nobody asked for.
-- `make_tiny_checkpoint` writes a real HF checkpoint (per-expert keys, tokenizer, generation
-  config) through transformers; `default_checkpoint` builds the embedded default once, in a cache.
+- `save_checkpoint` writes a real HF checkpoint (per-expert keys, tokenizer, generation config)
+  through transformers; `make_tiny_checkpoint` uses it for random weights of any shape, and
+  scripts/train_tiny.py for the trained default shipped in `data/tiny-trained/`.
+- `default_checkpoint` copies that shipped checkpoint once into a cache, after checking every
+  file against its SHA256SUMS; it never trains or downloads anything.
 - Layout transforms (merged QKV, w13) live with the steps that introduce them, not here.
 """
 from __future__ import annotations
@@ -25,6 +28,9 @@ from .config import ConfigError, ModelConfig, preset
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")   # Qwen's, after the BPE vocabulary
 DEFAULT_PRESET, DEFAULT_SEED = "tiny", 0
 CHECKPOINT_FORMAT = 2            # bump when make_tiny_checkpoint or a preset changes what it writes (2: head_dim 64)
+DEFAULT_FORMAT = 3               # the embedded default's cache version (3: trained, shipped; 2 was random weights)
+SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "data", "tiny-trained")
+MANIFEST = "SHA256SUMS"          # `sha256sum -c` format: "<hex>  <file name>" a line
 PROGRESS_BYTES = 256 << 20       # show a progress bar for loads above this
 
 
@@ -179,8 +185,9 @@ def _corpus() -> list[str]:
         return [line for line in f.read().splitlines() if line.strip()]
 
 
-def make_tokenizer(vocab_size: int):
-    """A byte-level BPE tokenizer in Qwen's style, trained deterministically on a bundled corpus.
+def make_tokenizer(vocab_size: int, corpus: list[str] | None = None):
+    """A byte-level BPE tokenizer in Qwen's style, trained deterministically on `corpus` (default:
+    the small bundled one).
 
     Regular tokens come first, then Qwen's special tokens; the model's vocab_size may be larger
     (as in Qwen3, whose embedding has padding rows past the tokenizer)."""
@@ -196,7 +203,7 @@ def make_tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=max(vocab_size - len(SPECIAL_TOKENS), 257),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator(_corpus() if corpus is None else corpus, trainer)
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>")
@@ -216,13 +223,42 @@ def _init_weights(model, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
 
 
+def hf_model_config(cfg: ModelConfig):
+    """transformers' Qwen3MoeConfig for `cfg` (the fields config.json carries, minus the file's own keys)."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(**{k: v for k, v in cfg.to_hf_dict().items()
+                             if k not in ("architectures", "model_type", "torch_dtype")})
+
+
+def save_checkpoint(model, cfg: ModelConfig, tokenizer, out_dir: str, max_shard_size: str = "2MB",
+                    dtype: torch.dtype = torch.bfloat16) -> str:
+    """Write `model` (a Qwen3MoeForCausalLM for `cfg`) as a released-style HF checkpoint.
+
+    Safetensors in `dtype` with per-expert keys (transformers converts its fused expert tensors
+    back on save), config.json in the released models' spelling rather than transformers 5's
+    rewrite, generation_config.json (greedy, end-of-text as bos/eos/pad) and the tokenizer.
+    Converts `model` to `dtype` in place."""
+    from transformers import GenerationConfig
+
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    os.makedirs(out_dir, exist_ok=True)
+    model.to(dtype).save_pretrained(out_dir, max_shard_size=max_shard_size)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump({**cfg.replace(bos_token_id=eos, eos_token_id=eos).to_hf_dict(),
+                   "torch_dtype": str(dtype).removeprefix("torch.")}, f, indent=2)
+    GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=False).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 def make_tiny_checkpoint(out_dir: str, preset_name: str | ModelConfig = "tiny", seed: int = 0,
                          max_shard_size: str = "2MB", dtype: torch.dtype = torch.bfloat16) -> str:
     """Write a real Hugging Face Qwen3-MoE checkpoint with random weights to `out_dir`.
 
     config.json (released-model format), sharded safetensors with per-expert keys and an index,
     generation_config.json and a tokenizer loadable by AutoTokenizer. Same inputs, same bytes."""
-    from transformers import GenerationConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import Qwen3MoeForCausalLM
 
     cfg = preset(preset_name) if isinstance(preset_name, str) else preset_name
     tokenizer = make_tokenizer(cfg.vocab_size)
@@ -230,11 +266,9 @@ def make_tiny_checkpoint(out_dir: str, preset_name: str | ModelConfig = "tiny", 
         raise ConfigError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     cfg = cfg.replace(bos_token_id=eos, eos_token_id=eos)
-    hf_config = Qwen3MoeConfig(**{k: v for k, v in cfg.to_hf_dict().items()
-                                  if k not in ("architectures", "model_type", "torch_dtype")})
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = Qwen3MoeForCausalLM(hf_config)
+        model = Qwen3MoeForCausalLM(hf_model_config(cfg))
     model = model.to_empty(device="cpu")
     _init_weights(model, seed)
     if cfg.tie_word_embeddings:
@@ -243,14 +277,50 @@ def make_tiny_checkpoint(out_dir: str, preset_name: str | ModelConfig = "tiny", 
         n_text = len(tokenizer) - len(SPECIAL_TOKENS)
         with torch.no_grad():   # special and padding rows: near-silent logits, as in a trained model
             model.lm_head.weight[n_text:] *= 0.05
-    model = model.to(dtype)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:   # the released format, not HF-5's rewrite
-        json.dump({**cfg.to_hf_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}, f, indent=2)
-    GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=False).save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return save_checkpoint(model, cfg, tokenizer, out_dir, max_shard_size, dtype)
+
+
+# ---- SHA256SUMS ----------------------------------------------------------------------------------
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(model_dir: str) -> dict[str, str]:
+    """Write SHA256SUMS over every file in `model_dir` (sorted by name); return {file: sha256}."""
+    sums = {f: file_sha256(os.path.join(model_dir, f)) for f in sorted(os.listdir(model_dir))
+            if f != MANIFEST and os.path.isfile(os.path.join(model_dir, f))}
+    with open(os.path.join(model_dir, MANIFEST), "w") as f:
+        f.writelines(f"{digest}  {name}\n" for name, digest in sums.items())
+    return sums
+
+
+def read_manifest(model_dir: str) -> dict[str, str]:
+    path = os.path.join(model_dir, MANIFEST)
+    try:
+        with open(path) as f:
+            rows = [line.split(None, 1) for line in f.read().splitlines() if line.strip()]
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror})") from None
+    if not rows or any(len(r) != 2 or len(r[0]) != 64 for r in rows):
+        raise CheckpointError(f"{path} is not a SHA256SUMS file (\"<sha256>  <file>\" per line)")
+    return {name.lstrip("*"): digest.lower() for digest, name in rows}
+
+
+def verify_manifest(model_dir: str, sums: dict[str, str] | None = None) -> None:
+    """Check every file listed in SHA256SUMS (or `sums`) against its sha256; raise CheckpointError
+    naming the first missing or differing file."""
+    for name, digest in (read_manifest(model_dir) if sums is None else sums).items():
+        path = os.path.join(model_dir, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing (listed in {MANIFEST})")
+        actual = file_sha256(path)
+        if actual != digest:
+            raise CheckpointError(f"{path} has sha256 {actual[:16]}..., {MANIFEST} says {digest[:16]}...: "
+                                  f"the file is corrupt or was changed")
 
 
 def cache_root() -> str:
@@ -284,9 +354,34 @@ def generated_checkpoint(preset_name: str = DEFAULT_PRESET, seed: int = DEFAULT_
     return target
 
 
-def default_checkpoint() -> str:
-    """The embedded default checkpoint (`tiny`, seed 0), generated deterministically on first use."""
-    return generated_checkpoint(DEFAULT_PRESET, DEFAULT_SEED)
+def default_checkpoint(quiet: bool = False) -> str:
+    """The embedded default: the trained `tiny` checkpoint shipped in data/tiny-trained/, copied
+    once into the cache (atomically: safe for many ranks) after its sha256 sums are checked. The
+    cached copy is checked again on every call (about 5 MB to hash)."""
+    sums = read_manifest(SHIPPED_DIR)
+    tag = hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()[:12]
+    target = os.path.join(cache_root(), f"tiny-trained-v{DEFAULT_FORMAT}-{tag}")   # a retrain gets a new path
+    if not os.path.isfile(os.path.join(target, MANIFEST)):
+        verify_manifest(SHIPPED_DIR, sums)
+        os.makedirs(cache_root(), exist_ok=True)
+        if not quiet:
+            print(f"Copying the embedded checkpoint once, to {target}", file=sys.stderr, flush=True)
+        tmp = tempfile.mkdtemp(prefix=".tiny-trained-", dir=cache_root())
+        try:
+            for name in (*sums, MANIFEST):        # the manifest last: its presence marks a whole copy
+                shutil.copyfile(os.path.join(SHIPPED_DIR, name), os.path.join(tmp, name))
+            try:
+                os.rename(tmp, target)              # atomic; loses the race gracefully
+            except OSError:
+                if not os.path.isfile(os.path.join(target, MANIFEST)):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        verify_manifest(target, sums)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (delete {target} to copy it again)") from None
+    return target
 
 
 MODEL_PATH_ENV = "QWEN3MOE_MODEL_PATH"

@@ -176,6 +176,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch threads; results depend on it (default: %(default)s)")
     p.add_argument("--eval-every", type=int, default=100, help="held-out evaluation period (default: %(default)s)")
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.quick:
         args.steps = args.steps or 3
         args.batch, args.seq_len, args.max_chars, args.eval_every = 4, 64, min(args.max_chars, 150_000), 2
@@ -191,6 +192,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def train(args) -> dict:
+    """Train, save and verify; the result record. Leaves torch's thread count and deterministic
+    flag as it found them (tests call this in-process)."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        return _train(args)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(args) -> dict:
     import tokenizers
     import transformers
     from transformers import Qwen3MoeForCausalLM
@@ -229,9 +241,13 @@ def train(args) -> dict:
                "weight_decay": 0.1, "weight_decay_on": "matrices except the embedding", "grad_clip": 1.0,
                "router_aux_loss_coef": hf_cfg.router_aux_loss_coef, "output_router_logits": True,
                "init": f"transformers' _init_weights (initializer_range {hf_cfg.initializer_range})",
-               "experts_implementation": EXPERTS, "train_dtype": "float32", "saved_dtype": "bfloat16", "eval_every": args.eval_every}
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+               "experts_implementation": EXPERTS, "train_dtype": "float32", "saved_dtype": "bfloat16",
+               "eval_every": args.eval_every}
+
+    def new_optimizer():
+        return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                 lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = new_optimizer()
     gen = torch.Generator().manual_seed(SEED)
 
     def step_fn(step: int, steps: int, warmup: int) -> tuple[float, float]:
@@ -258,8 +274,7 @@ def train(args) -> dict:
         per_step = (time.perf_counter() - t0) / 3
         model.load_state_dict(state[0])
         gen.set_state(state[1])
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+        opt = new_optimizer()
         n_evals_cost = 0.15                  # evaluation and saving take about this share of the budget
         steps = max(1, int(args.minutes * 60 * (1 - n_evals_cost) / per_step))
         probe = {"seconds_per_step": round(per_step, 3), "steps_chosen": steps}
@@ -291,7 +306,7 @@ def train(args) -> dict:
         "what": "scripts/train_tiny.py: the embedded default checkpoint (tiny preset) trained from scratch",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
-        "command": " ".join(["python", "scripts/train_tiny.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "scripts/train_tiny.py", *args.argv]),
         "versions": {"python": pyplatform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
         "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "processor": pyplatform.processor()

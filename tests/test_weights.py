@@ -1,14 +1,17 @@
 import json
 import os
+import re
 import shutil
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from qwen3moe_tutorial.config import ConfigError
-from qwen3moe_tutorial.weights import (Checkpoint, CheckpointError, expected_shapes, generated_checkpoint,
-                                       make_tiny_checkpoint, tensor_digest)
+from qwen3moe_tutorial import weights
+from qwen3moe_tutorial.config import ConfigError, ModelConfig, preset
+from qwen3moe_tutorial.weights import (MANIFEST, SHIPPED_DIR, Checkpoint, CheckpointError, default_checkpoint,
+                                       expected_shapes, generated_checkpoint, make_tiny_checkpoint, read_manifest,
+                                       tensor_digest, verify_manifest)
 
 
 def test_checkpoint_is_real_hf_format(tiny_ckpt, tiny_config):
@@ -116,3 +119,74 @@ def test_single_file_checkpoint_and_tied_embeddings(other_ckpt):
 def test_vocab_smaller_than_tokenizer_is_rejected(tmp_path, tiny_config):
     with pytest.raises(ConfigError, match="smaller than the tokenizer"):
         make_tiny_checkpoint(str(tmp_path / "x"), tiny_config.replace(vocab_size=200))
+
+
+# ---- the shipped, trained default ----------------------------------------------------------------
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                "tie_word_embeddings", "max_position_embeddings", "rope_theta")
+
+
+def test_shipped_checkpoint_is_the_tiny_preset_in_hf_format():
+    cfg = ModelConfig.from_pretrained(SHIPPED_DIR)
+    tiny = preset("tiny")
+    assert {f: getattr(cfg, f) for f in SHAPE_FIELDS} == {f: getattr(tiny, f) for f in SHAPE_FIELDS}
+    ckpt = Checkpoint(SHIPPED_DIR, tiny)
+    assert set(ckpt.keys()) == set(expected_shapes(tiny))           # per-expert keys, nothing else
+    ckpt.validate()
+    assert {ckpt.get(name).dtype for name in ckpt.keys()} == {torch.bfloat16}
+    config = json.load(open(os.path.join(SHIPPED_DIR, "config.json")))
+    tok = AutoTokenizer.from_pretrained(SHIPPED_DIR)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert config["torch_dtype"] == "bfloat16" and config["bos_token_id"] == config["eos_token_id"] == eos
+    assert len(tok) <= tiny.vocab_size
+    sums = read_manifest(SHIPPED_DIR)
+    assert set(sums) == set(os.listdir(SHIPPED_DIR)) - {MANIFEST}
+    assert sum(os.path.getsize(os.path.join(SHIPPED_DIR, f)) for f in sums) < 12e6
+    verify_manifest(SHIPPED_DIR)
+
+
+def test_sha256_mismatch_is_one_clear_error(tmp_path):
+    d = copy(SHIPPED_DIR, tmp_path / "shipped")
+    shard = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))[0]
+    with open(os.path.join(d, shard), "r+b") as f:
+        f.seek(os.path.getsize(os.path.join(d, shard)) - 8)
+        f.write(b"\x00" * 8)                                            # a weight, not the header
+    with pytest.raises(CheckpointError, match=f"{shard} has sha256 .*corrupt or was changed") as e:
+        verify_manifest(d)
+    assert len(str(e.value).splitlines()) == 1
+    shutil.copyfile(os.path.join(SHIPPED_DIR, shard), os.path.join(d, shard))
+    verify_manifest(d)
+    os.remove(os.path.join(d, "tokenizer.json"))
+    with pytest.raises(CheckpointError, match="tokenizer.json is missing"):
+        verify_manifest(d)
+    open(os.path.join(d, MANIFEST), "w").write("not a sum\n")
+    with pytest.raises(CheckpointError, match="is not a SHA256SUMS file"):
+        verify_manifest(d)
+
+
+def test_default_checkpoint_copies_the_shipped_one_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QWEN3MOE_TUTORIAL_CACHE", str(tmp_path))
+    path = default_checkpoint()
+    assert os.path.dirname(path) == str(tmp_path) and "Copying" in capsys.readouterr().err
+    assert os.path.basename(path).startswith(f"tiny-trained-v{weights.DEFAULT_FORMAT}-")
+    assert sorted(os.listdir(path)) == sorted(os.listdir(SHIPPED_DIR))
+    assert tensor_digest(Checkpoint(path)) == tensor_digest(Checkpoint(SHIPPED_DIR))
+    assert default_checkpoint() == path and capsys.readouterr().err == ""          # second call: no copy
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []          # no temp dirs left
+    with open(os.path.join(path, "config.json"), "a") as f:                     # the cached copy changed
+        f.write(" ")
+    again = f"config.json has sha256 .* \\(delete {re.escape(path)} to copy it again\\)"
+    with pytest.raises(CheckpointError, match=again):
+        default_checkpoint()
+
+
+def test_a_corrupt_shipped_checkpoint_is_not_copied(tmp_path, monkeypatch):
+    shipped = copy(SHIPPED_DIR, tmp_path / "shipped")
+    with open(os.path.join(shipped, "generation_config.json"), "a") as f:
+        f.write(" ")
+    monkeypatch.setattr(weights, "SHIPPED_DIR", shipped)
+    monkeypatch.setenv("QWEN3MOE_TUTORIAL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(CheckpointError, match="generation_config.json has sha256"):
+        default_checkpoint(quiet=True)
+    assert not os.path.isdir(tmp_path / "cache") or os.listdir(tmp_path / "cache") == []

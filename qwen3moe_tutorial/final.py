@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m qwen3moe_tutorial.final",
         description="Greedy batch-1 generation with Qwen3-MoE, up to a chosen step of the optimization ladder.")
     p.add_argument("--model-path", help="Hugging Face checkpoint directory (default: the embedded tiny "
-                   "checkpoint, generated on first use)")
+                   "checkpoint trained on Python's documentation, copied to the cache on first use)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (default: %(default)r)")
     p.add_argument("--prompt-ids", help="comma-separated prompt token ids instead of --prompt "
                    "(for checkpoints without tokenizer files)")

@@ -555,3 +555,63 @@ def test_v1_and_v2_index_layouts_are_not_interchangeable():
     right = R.npu_moe_finalize_routing(rows, None, None, None, w, eri_v2, None, drop_pad_mode=2)
     wrong = R.npu_moe_finalize_routing(rows, None, None, None, w, eri_v2, None, drop_pad_mode=0)
     assert not torch.allclose(right, wrong)
+
+
+# ---------------------------------------------------------------- the traced formulations
+
+def traced(monkeypatch, fn, *args, **kw):
+    """Run an op with the formulations it uses under torch.compile (sorts, scatters and cumsums as fused
+    comparisons and sums), here eagerly so every output can be compared exactly."""
+    with monkeypatch.context() as m:
+        m.setattr(R, "_eager", lambda: False)
+        return fn(*args, **kw)
+
+
+def assert_same(a, b):
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True)    # bit for bit (NaN where NaN)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(4))
+def test_traced_routing_is_the_library_sort_exactly(monkeypatch, dtype, seed):
+    """Ties (bf16 rounding, repeated logits), NaN rows, every count kind and index type, partial ranges:
+    the sort-free formulations give the library sort's permutation, bit for bit."""
+    g = gen(seed)
+    x = torch.randint(-2, 3, (6, 16), generator=g).to(dtype)                 # many equal probabilities
+    x[1] = torch.randn(16, generator=g).to(dtype)
+    x[2, 3] = float("nan")
+    for k in (1, 4, 16):
+        assert_same(R.npu_moe_gating_top_k_softmax(x, k=k), traced(monkeypatch, R.npu_moe_gating_top_k_softmax, x, k=k))
+    finished = torch.tensor([False, True, False, False, True, False])
+    assert_same(R.npu_moe_gating_top_k_softmax(x, finished, k=3),
+                traced(monkeypatch, R.npu_moe_gating_top_k_softmax, x, finished, k=3))
+    rows = rand(6, 3, seed=seed)
+    experts = torch.randint(0, 9, (6, 4), generator=g, dtype=torch.int32)
+    for kw in (dict(expert_num=9, expert_tokens_num_type=1, expert_tokens_num_flag=True, active_expert_range=[0, 9]),
+               dict(expert_num=9, expert_tokens_num_type=0, expert_tokens_num_flag=True),
+               dict(expert_num=9, expert_tokens_num_type=2, expert_tokens_num_flag=True),
+               dict(expert_num=9, active_expert_range=[2, 7], expert_tokens_num_type=1, expert_tokens_num_flag=True),
+               dict(expert_num=9, active_expert_range=[2, 7], row_idx_type=1, active_num=10)):
+        assert_same(R.npu_moe_init_routing_v2(rows, experts, **kw),
+                    traced(monkeypatch, R.npu_moe_init_routing_v2, rows, experts, **kw))
+    _, experts_v1, row_idx = R.npu_moe_gating_top_k_softmax(x[:, :9].float().nan_to_num(), k=4)
+    assert_same(R.npu_moe_init_routing(rows, row_idx, experts_v1, 6),
+                traced(monkeypatch, R.npu_moe_init_routing, rows, row_idx, experts_v1, 6))
+    counts = torch.bincount(experts.flatten().long(), minlength=9)
+    w = rand(9, 3, 5, seed=seed)
+    ex = R.npu_moe_init_routing_v2(rows, experts, expert_num=9)[0]
+    kw = dict(group_list=counts, split_item=3, group_type=0, group_list_type=1)
+    torch.testing.assert_close(traced(monkeypatch, R.npu_grouped_matmul, [ex], [w], **kw)[0],
+                               R.npu_grouped_matmul([ex], [w], **kw)[0])
+
+
+def test_stable_rank_orders_like_torch_sort():
+    g = gen(7)
+    for n in (1, 2, 9, 33):
+        keys = torch.randint(0, 4, (5, n), generator=g).float()
+        keys[0, :: 3] = float("nan")
+        for descending in (False, True):
+            order = torch.sort(keys, dim=-1, descending=descending, stable=True)[1]
+            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n).expand_as(order))
+            assert torch.equal(R._stable_rank(keys, descending), rank)

@@ -59,6 +59,78 @@ def _fail(op: str, msg: str):
     raise OpInputError(f"{op}: {msg}")
 
 
+def _stable_rank(keys: torch.Tensor, descending: bool = False) -> torch.Tensor:
+    """Where each entry of `keys` lands in a stable sort along the last dim, int64 [..., n].
+
+    Under compile, torch.sort is a library call per use, outside inductor's kernels (two per MoE layer
+    at decode: gating's top-k and routing's order). Counting, for each entry, the entries that sort
+    before it (smaller, or equal and earlier) gives the same permutation as an n x n comparison that
+    inductor fuses with its neighbours; at decode n is E (top-k) or K (routing). NaN sorts as the
+    largest value, as in torch.sort."""
+    a, b = keys.unsqueeze(-1), keys.unsqueeze(-2)                         # entry i [.., n, 1], j [.., 1, n]
+    n = keys.shape[-1]
+    idx = torch.arange(n, device=keys.device)
+    earlier = idx.unsqueeze(0) < idx.unsqueeze(1)                          # [n, n]: j < i
+    if keys.is_floating_point():
+        a_nan, b_nan = a.isnan(), b.isnan()
+        tie = (a == b) | (a_nan & b_nan)
+        first = ((b > a) | (b_nan & ~a_nan)) if descending else ((b < a) | (a_nan & ~b_nan))
+    else:
+        tie = a == b
+        first = (b > a) if descending else (b < a)
+    return (first | (tie & earlier)).sum(-1)                               # [..., n]
+
+
+def _sort(keys: torch.Tensor, descending: bool = False):
+    """torch.sort(keys, stable=True) along the last dim -> (values, int64 order). Eagerly the library's
+    sort; under compile the same permutation from `_stable_rank`, which inductor fuses (no library call)."""
+    if _eager():
+        return torch.sort(keys, dim=-1, descending=descending, stable=True)
+    rank = _stable_rank(keys, descending)                                 # [..., n] destination of each entry
+    n = keys.shape[-1]
+    slots = torch.arange(n, device=keys.device)
+    lands = rank.unsqueeze(-2) == slots.unsqueeze(-1)                     # [..., n slots, n entries]
+    order = (lands * torch.arange(n, device=keys.device)).sum(-1)         # slot i <- entry order[i]
+    return keys.gather(-1, order), order
+
+
+def _top_k(probs: torch.Tensor, k: int):
+    """The first k of a stable descending sort along the last dim -> (values, int32 ids): ties go to the
+    lower id, NaN counts as the largest value. Eagerly the library's sort; under compile k rounds of
+    argmax (which breaks ties and ranks NaN the same way), each masking its winner: k reductions over
+    E that inductor fuses, instead of a library sort or an E x E comparison. The mask value -inf
+    never wins because every probability is >= 0."""
+    if _eager():
+        y, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+        return y[..., :k], idx[..., :k].to(torch.int32)
+    ids, left = [], probs
+    for _ in range(k):                                                     # a loop over k, not values
+        i = left.argmax(-1, keepdim=True)                                  # [..., 1]
+        ids.append(i)
+        left = left.scatter(-1, i, float("-inf"))
+    idx = torch.cat(ids, dim=-1)                                           # [..., k]
+    return probs.gather(-1, idx), idx.to(torch.int32)
+
+
+def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """inv with inv[order[i]] = i for a 1-D permutation; under compile a compare-and-sum (fused), not a
+    library scatter."""
+    n = order.shape[0]
+    i = torch.arange(n, device=order.device)
+    if _eager():
+        return torch.empty_like(order).scatter_(0, order, i)
+    return ((order.unsqueeze(0) == i.unsqueeze(1)) * i.unsqueeze(0)).sum(-1)   # [n]: inv[f] = i where order[i] = f
+
+
+def _cumsum(t: torch.Tensor) -> torch.Tensor:
+    """t.cumsum(0) of a 1-D tensor; under compile a masked sum over the n x n lower triangle, which
+    inductor fuses (no library call)."""
+    if _eager():
+        return t.cumsum(0)
+    i = torch.arange(t.shape[0], device=t.device)
+    return (t.unsqueeze(0) * (i.unsqueeze(0) <= i.unsqueeze(1))).sum(-1)
+
+
 def _tensor(op: str, name: str, t, dtypes=None, dims=None) -> None:
     if not isinstance(t, torch.Tensor):
         _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -167,8 +239,7 @@ def npu_moe_gating_top_k_softmax(x, finished=None, k=1):
         _fail(op, f"k must be an int with 0 < k <= min(E={E}, 1024), got {k!r}")
     lead = tuple(x.shape[:-1])
     probs = torch.softmax(x.float(), dim=-1).to(x.dtype)                   # [T, E], rounded like y
-    y, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
-    y, expert_idx = y[..., :k], idx[..., :k].to(torch.int32)               # [T, k]
+    y, expert_idx = _top_k(probs, k)                                       # [T, k]; lower id first on ties
     if finished is not None:
         _tensor(op, "finished", finished, (torch.bool,))
         if tuple(finished.shape) != lead:
@@ -198,7 +269,7 @@ def npu_moe_init_routing(x, row_idx, expert_idx, active_num):
                   f"[N, K] with N = x.shape[0] = {x.shape[0]}")
     if not isinstance(active_num, INT_TYPES) or active_num < 0:
         _fail(op, f"active_num must be a non-negative int, got {active_num!r}")
-    sorted_expert, order = torch.sort(expert_idx.reshape(-1), stable=True)  # [N*K] by expert id
+    sorted_expert, order = _sort(expert_idx.reshape(-1))                   # [N*K] by expert id, stable
     dst_to_src = row_idx.reshape(-1)[order]                                # k-major source ids, [N*K]
     expanded_row_idx = torch.full_like(dst_to_src, -1)
     expanded_row_idx.scatter_(0, dst_to_src.long(), torch.arange(N * K, dtype=torch.int32, device=x.device))
@@ -229,13 +300,17 @@ def _expert_range(op, active_expert_range, expert_num, kind):
 def _token_counts(flat, in_range, start, n_exp, expert_num, kind):
     """Per-expert counts (kind 1), their cumulative sum (0), or (expert id, count) pairs (2); all int64."""
     local = (flat - start).clamp(0, n_exp - 1)
-    counts = torch.zeros(n_exp, dtype=torch.int64, device=flat.device)
-    counts.scatter_add_(0, local, in_range.long())                         # [n_exp]
+    if _eager():
+        counts = torch.zeros(n_exp, dtype=torch.int64, device=flat.device)
+        counts.scatter_add_(0, local, in_range.long())                     # [n_exp]
+    else:       # the same histogram as a compare-and-sum over [n_exp, T*K]: fused, no library scatter
+        experts = torch.arange(n_exp, device=flat.device).unsqueeze(1)
+        counts = ((local.unsqueeze(0) == experts) & in_range.unsqueeze(0)).sum(-1)
     if kind == 1:
         return counts
     if kind == 0:
-        return counts.cumsum(0)
-    present_first = torch.argsort((counts == 0).to(torch.int8), stable=True)
+        return _cumsum(counts)
+    present_first = _sort((counts == 0).to(torch.int8))[1]
     ids = torch.arange(start, start + n_exp, device=flat.device)[present_first]
     pairs = torch.stack((ids, counts[present_first]), dim=-1)              # [n_exp, 2]
     pairs = pairs * (counts[present_first] > 0).unsqueeze(-1)
@@ -293,11 +368,10 @@ def npu_moe_init_routing_v2(x, expert_idx, *, scale=None, offset=None, active_nu
 
     flat = expert_idx.reshape(-1).long()                                    # [T*K], source f = t*K + k
     in_range = flat >= start if end is None else (flat >= start) & (flat < end)
-    order = torch.argsort(torch.where(flat < start, _SORT_LAST, flat), stable=True)   # dst i <- src order[i]
-    positions = torch.arange(T * K, dtype=torch.int32, device=x.device)
+    order = _sort(torch.where(flat < start, _SORT_LAST, flat))[1]          # dst i <- src order[i]
     if row_idx_type == 0:
-        dst = torch.empty_like(positions).scatter_(0, order, positions)     # [T*K] dst of each source
-        expanded_row_idx = torch.where(in_range, dst, -1)
+        dst = _inverse_permutation(order)                                   # [T*K] dst of each source
+        expanded_row_idx = torch.where(in_range, dst, -1).to(torch.int32)
     else:
         expanded_row_idx = order.to(torch.int32)
 
@@ -444,11 +518,8 @@ def _group_ends(op, group_list, group_list_type, G, M, device):
                   "(cumulative) for a single group")
     if group_list_type == 0:
         ends = group_list.long()
-    elif _eager():
-        ends = group_list.long().cumsum(0)
-    else:       # cumsum as a masked sum over the G x G lower triangle: inductor fuses it (no library call)
-        g = torch.arange(G, device=device)
-        ends = (group_list.long().unsqueeze(0) * (g.unsqueeze(0) <= g.unsqueeze(1))).sum(-1)
+    else:
+        ends = _cumsum(group_list.long())
     if _eager() and G:
         if group_list_type == 1 and bool((group_list < 0).any()):
             _fail(op, f"group_list counts must be non-negative, got {group_list.tolist()}")

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import json
 import os
 import re
 import sys
 import zipfile
+
+from qwen3moe_tutorial.weights import file_sha256
 
 OUT_DEFAULT = os.path.join(os.path.dirname(__file__), "..", "qwen3moe_tutorial", "data", "npu_op_schemas.json")
 SCHEMA_YAML = "torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml"
@@ -288,13 +289,6 @@ def extract_options(src: WheelSource, path: str, name: str, prefix: str = "") ->
 
 # ---------------------------------------------------------------- main
 
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def build(wheel: str) -> dict:
     with zipfile.ZipFile(wheel) as zf:
@@ -307,7 +301,7 @@ def build(wheel: str) -> dict:
         configs = {key: {"source": src.resolve(*where)[0], "options": extract_options(src, *where)}
                    for key, where in CONFIG_TREES.items()}
     return {
-        "wheel": {"name": os.path.basename(wheel), "sha256": sha256_of(wheel), "torch_npu_version": version},
+        "wheel": {"name": os.path.basename(wheel), "sha256": file_sha256(wheel), "torch_npu_version": version},
         "generated_by": "scripts/extract_npu_schemas.py",
         "note": "torch_npu.X is an alias of torch.ops.npu.X; 'torchair' is torch_npu.dynamo.torchair.",
         "ops": ops,

@@ -31,7 +31,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from . import platform
 from .generate import ModelRunner
-from .weights import cache_root
+from .weights import cache_root, file_sha256
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 MANIFEST = "manifest.json"
@@ -212,8 +212,7 @@ def _tree_digest(root: str) -> dict[str, str]:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+            out[os.path.relpath(path, root)] = file_sha256(path)
     return out
 
 

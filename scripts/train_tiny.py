@@ -234,8 +234,9 @@ def _train(args) -> dict:
     hf_cfg.output_router_logits, hf_cfg.router_aux_loss_coef = True, 0.01
     model = Qwen3MoeForCausalLM(hf_cfg).float().train()
     model.set_experts_implementation(EXPERTS)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    decays = {n: p.dim() >= 2 and "embed" not in n for n, p in model.named_parameters()}   # matrices, not the embedding
+    decay = [p for n, p in model.named_parameters() if decays[n]]
+    no_decay = [p for n, p in model.named_parameters() if not decays[n]]
     hparams = {"seq_len": args.seq_len, "batch": args.batch, "peak_lr": args.lr, "min_lr_ratio": 0.1,
                "schedule": "linear warm-up, cosine", "optimizer": "AdamW", "betas": [0.9, 0.95], "eps": 1e-8,
                "weight_decay": 0.1, "weight_decay_on": "matrices except the embedding", "grad_clip": 1.0,

@@ -101,6 +101,35 @@ def device_count(kind: str) -> int:
     return 1
 
 
+DEVICE_MEMORY_ENV = "QWEN3MOE_DEVICE_MEMORY"     # pretend each device holds this much ("16GB", "512MiB", bytes)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """"64GB", "1.5 GiB", "4096" -> bytes; one clear ValueError for anything else."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"{DEVICE_MEMORY_ENV}={text!r} is not a size; expected a positive number of bytes "
+                         f"with an optional unit, e.g. 64GB or 512MiB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+def device_memory_bytes(kind: str) -> int:
+    """Memory of ONE device of this kind: an NPU die's or a GPU's total memory, a CPU's physical RAM
+    (every CPU rank shares it). $QWEN3MOE_DEVICE_MEMORY overrides it, so the book's fit checks can
+    be exercised on a machine with more memory than the device they plan for."""
+    if os.environ.get(DEVICE_MEMORY_ENV):
+        return parse_bytes(os.environ[DEVICE_MEMORY_ENV])
+    if kind == "npu":
+        return int(torch.npu.mem_get_info()[1])
+    if kind == "cuda":
+        return int(torch.cuda.mem_get_info()[1])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def now_ms(kind: str) -> float:
     """Milliseconds on a monotonic clock, after synchronising the device."""
     synchronize(kind)

@@ -24,7 +24,7 @@ import torch
 from . import launch, platform, roofline
 from .config import ModelConfig, preset
 from .parallel import TP
-from .steps import STEP_NAMES, recipe_upto, step as ladder_step
+from .steps import STEP_NAMES, STEPS, recipe_upto, step as ladder_step
 
 PROMPT = "The Ascend NPU decodes one token at a time."
 HEADROOM = 0.85        # weights may take this fraction of a device: the rest is the KV cache, workspace, runtime
@@ -173,7 +173,8 @@ def a3_columns() -> dict[str, dict[str, float]]:
     cols = {}
     for name, tp in roofline.BOOK_CONFIGS:
         label = name.removeprefix("qwen3-").upper()
-        cols[f"A3 ms/token {label}, TP {tp} (predicted)"] = {
+        first_tp = next(s.name for s in STEPS if s.tensor_parallel)
+        cols[f"predicted A3 ms/token, {label} (TP {tp} from {first_tp})"] = {
             r["step"]: r["total_ms"] for r in roofline.predict_ladder(preset(name), tp)}
     return cols
 

@@ -247,5 +247,6 @@ def describe(kind: str | None = None) -> str:
     elif kind == "cuda":
         what = f"GPU {torch.cuda.get_device_name(0)} x{device_count(kind)}"
     else:
-        what = f"CPU ({_p.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads), reference kernels"
+        n = torch.get_num_threads()
+        what = f"CPU ({_p.machine()}, {os.cpu_count()} cores, {n} torch thread{'s' * (n != 1)}), reference kernels"
     return f"{what}; torch {v['torch']}, transformers {v['transformers']}"

@@ -37,7 +37,7 @@ class Fit:
     """Whether `copies` models of `cfg` at TP `tp` fit this machine's devices, and why not."""
     tp: int
     copies: int                   # models resident at once (HF and ours: 2), each on its own devices
-    bytes_per_rank: int           # weights one rank holds (roofline.resident_bytes_per_rank)
+    bytes_per_rank: int           # weights one rank holds (roofline.resident_bytes_at_step)
     bytes_per_device: int         # what the fullest device must hold
     device_bytes: int             # one device's memory (platform.device_memory_bytes)
     devices_needed: int
@@ -50,12 +50,14 @@ class Fit:
 
 
 def check_fit(cfg: ModelConfig, tp: int = 1, *, copies: int = 1, dtype: torch.dtype = torch.float32,
-              device_kind: str = "cpu") -> Fit:
-    """Resident weight bytes per rank against one device's memory (times HEADROOM). On an NPU or GPU
+              device_kind: str = "cpu", step: str = STEP_NAMES[-1]) -> Fit:
+    """Resident weight bytes per rank with the ladder up to `step` (roofline.resident_bytes_at_step:
+    before `moe_tp_w13_swiglu` every rank holds every expert whole) against one device's memory
+    (times HEADROOM). On an NPU or GPU
     each rank has a device of its own and each copy its own ranks' devices; on a CPU every rank of
     every copy shares the one RAM, unless $QWEN3MOE_DEVICE_MEMORY is set: then each CPU rank plays
     one device of that size (how the decision is rehearsed without an accelerator)."""
-    per_rank = roofline.resident_bytes_per_rank(cfg, tp, torch.finfo(dtype).bits // 8)
+    per_rank = roofline.resident_bytes_at_step(cfg, tp, step, torch.finfo(dtype).bits // 8)
     device_bytes = platform.device_memory_bytes(device_kind)
     shared = device_kind == "cpu" and not os.environ.get(platform.DEVICE_MEMORY_ENV)
     per_device = per_rank * tp * copies if shared else per_rank
@@ -99,10 +101,12 @@ class Chapter:
         self.notes: list[str] = []
 
     # the checkpoint a cell can run -----------------------------------------------------------------
-    def model_for(self, tp: int = 1, copies: int = 1, dtype: torch.dtype | None = None) -> str:
-        """The book's checkpoint if `copies` of it fit at TP `tp`, else the embedded default; the
-        fallback prints one note saying why (once per reason)."""
-        fit = check_fit(self.cfg, tp, copies=copies, dtype=dtype or self.dtype, device_kind=self.device_kind)
+    def model_for(self, tp: int = 1, copies: int = 1, dtype: torch.dtype | None = None, step: str | None = None) -> str:
+        """The book's checkpoint if `copies` of it fit at TP `tp` with the ladder up to `step` (default:
+        the chapter's), else the embedded default; the fallback prints one note saying why (once per
+        reason)."""
+        fit = check_fit(self.cfg, tp, copies=copies, dtype=dtype or self.dtype, device_kind=self.device_kind,
+                        step=step or self.step or STEP_NAMES[-1])
         if fit.fits or self.embedded:
             return self.model_path
         note = f"Note: this cell runs on the embedded model, not {self.cfg.name}: {fit.reason}."
@@ -128,7 +132,7 @@ class Chapter:
     def run(self, upto: str, tp: int = 1, n_new: int = 16, model_path: str | None = None, **job) -> dict:
         """Greedy tokens of the ladder up to `upto` on `tp` ranks (launch.run): rank 0's record, with
         the checkpoint it ran on under "model_path"."""
-        path = model_path or self.model_for(tp)
+        path = model_path or self.model_for(tp, step=upto)
         prompt_ids = self.prompt_ids(path)
         job = launch.GenerationJob(path, prompt_ids, n_new, upto=upto, tp=tp, device_kind=self.device_kind,
                                    dtype=job.pop("dtype", self.dtype), max_len=job.pop("max_len", 64), **job)
@@ -137,7 +141,7 @@ class Chapter:
     def build(self, upto: str, tp_ctx: TP = TP(), model_path: str | None = None, device=None,
               dtype: torch.dtype | None = None, max_len: int = 64):
         """One rank's runner of the ladder up to `upto`, in this process."""
-        path = model_path or self.model_for(tp_ctx.size)
+        path = model_path or self.model_for(tp_ctx.size, step=upto)
         device = torch.device(device or self.device)
         runner = launch.build_runner(recipe_upto(upto), path, dtype=dtype or self.dtype, device=device,
                                      tp_ctx=tp_ctx, max_len=max_len)
@@ -148,7 +152,7 @@ class Chapter:
         """Runners of `upto` and `other` (Hugging Face by default), both resident for a side-by-side
         comparison: on an accelerator each on its own device, on the book's model if two copies fit,
         else on the embedded one. Returns (ours, theirs, model_path)."""
-        path = self.model_for(1, copies=2)
+        path = self.model_for(1, copies=2, step=upto)
         two = self.device_kind != "cpu" and platform.device_count(self.device_kind) > 1
         second = platform.torch_device(self.device_kind, 1) if two else self.device   # the tiny model may share
         return self.build(upto, model_path=path), self.build(other, model_path=path, device=second), path
@@ -160,7 +164,7 @@ class Chapter:
         from . import benchmark
 
         upto = upto or self.step or STEP_NAMES[-1]
-        path = self.model_for(1, copies=1)
+        path = self.model_for(1, copies=1, step=upto)
         rows = benchmark.ladder_table(path, self.prompt_ids(path), upto=upto, new_tokens=new_tokens,
                                       device_kind=self.device_kind, dtype=self.dtype, repeats=1)
         return [{"step": r["step"], "tokens_ok": r["tokens_ok"], "ops_per_token": r["ops_per_token"],

@@ -177,6 +177,21 @@ def resident_bytes_per_rank(cfg: ModelConfig, tp: int = 1, dtype_bytes: int = 2)
     return b["weights"] - b["embedding"] - b["experts"] + V_r * H * dtype_bytes + experts
 
 
+def resident_bytes_at_step(cfg: ModelConfig, tp: int, step: str, dtype_bytes: int = 2) -> int:
+    """Weight bytes each rank holds with the ladder up to `step` on `tp` ranks: steps before tensor
+    parallelism hold the whole model on one device, and the TP steps before `moe_tp_w13_swiglu` hold
+    every expert whole on every rank."""
+    from .steps import recipe_upto
+
+    recipe = recipe_upto(step)
+    size = tp if recipe.tensor_parallel else 1
+    resident = resident_bytes_per_rank(cfg, size, dtype_bytes)
+    if recipe.tensor_parallel and not recipe.splits_experts:        # experts whole on every rank
+        resident += int(cfg.num_hidden_layers * cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size
+                        * dtype_bytes * (1 - 1 / size))
+    return resident
+
+
 # ---- collectives ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Collective:
@@ -404,10 +419,7 @@ def predict_step(cfg: ModelConfig, tp: int, step: str, hw: Hardware | str = "a3-
     else:
         dispatch_us = sum(n * max(host, t) for n, t in device) - device_us
         collectives_us = n_coll * max(host, coll_us)
-    resident = resident_bytes_per_rank(cfg, size, dtype_bytes)
-    if recipe.tensor_parallel and not recipe.splits_experts:        # experts whole on every rank
-        resident += (cfg.num_hidden_layers * cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size
-                     * dtype_bytes) * (1 - 1 / size)
+    resident = resident_bytes_at_step(cfg, size, step, dtype_bytes)
     ms = lambda us: us / 1e3
     return {"step": step, "tp": size, "memory_ms": ms(memory_us), "kernel_floor_ms": ms(device_us - memory_us),
             "dispatch_ms": ms(dispatch_us), "collectives_ms": ms(collectives_us),

@@ -73,6 +73,8 @@ def quantities(named_notebooks: dict[str, dict]) -> dict[tuple, list[tuple[str, 
                 by_step = header[0].lower() == "step"
                 if not by_step and not caption:
                     continue
+                if len({row[0] for row in rows}) < len(rows):          # the first column is not a key
+                    continue
                 for row in rows:
                     for col, value in zip(header[1:], row[1:]):
                         key = (col, row[0]) if by_step else (caption, col, row[0])
@@ -116,6 +118,8 @@ def test_the_checker_finds_one_changed_number():
     assert len(disagreements({"d1": d1, "d2": d2})) == 1
     assert disagreements({"d1": table_output([("x", "1")], header=("part", "TP 8")),
                           "d2": table_output([("x", "2")], header=("part", "TP 8"))}) == []
+    # a table whose first column repeats is not keyed by it
+    assert disagreements({"e": table_output([("x", "1"), ("x", "2")], caption="targets", header=("run", "limit"))}) == []
 
 
 def test_quantities_agree_across_the_book():

@@ -3,14 +3,15 @@
 # the commit it ran at into each notebook's metadata (qwen3moe_tutorial.commit), which the results
 # page prints and tests/test_book_consistency.py checks: the book is one execution, from one commit.
 # Usage: bash scripts/execute_notebooks.sh [notebooks/NN_name.md ...]
-# A checkout with uncommitted changes to tracked files is refused (EXECUTE_DIRTY=1 runs anyway, for
+# A checkout with uncommitted changes to tracked files (the .ipynb outputs aside) is refused (EXECUTE_DIRTY=1 runs anyway, for
 # drafts: the commit is then recorded with "-dirty" and the consistency test fails until a clean run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 files=("$@")
 [ ${#files[@]} -gt 0 ] || files=(notebooks/[0-9a-z]*.md)
 commit=$(git rev-parse HEAD)
-if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
+# the executed .ipynb files are this script's own output: their changes do not count
+if [ -n "$(git status --porcelain --untracked-files=no -- . ':(exclude)notebooks/*.ipynb')" ]; then
   [ "${EXECUTE_DIRTY:-0}" = 1 ] || { echo "uncommitted changes to tracked files: commit first (or EXECUTE_DIRTY=1 for a draft)"; exit 1; }
   commit="$commit-dirty"
 fi

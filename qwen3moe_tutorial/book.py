@@ -148,8 +148,8 @@ class Chapter:
         runner.device = device                        # where max_logit_diff sends its inputs
         return runner
 
-    def pair(self, upto: str, other: str = "hf_baseline"):
-        """Runners of `upto` and `other` (Hugging Face by default), both resident for a side-by-side
+    def pair(self, upto: str, other: str = STEP_NAMES[0]):
+        """Runners of `upto` and `other` (the ladder's first step, Hugging Face's model, by default), both resident for a side-by-side
         comparison: on an accelerator each on its own device, on the book's model if two copies fit,
         else on the embedded one. Returns (ours, theirs, model_path)."""
         path = self.model_for(1, copies=2, step=upto)

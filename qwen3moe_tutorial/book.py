@@ -5,7 +5,7 @@ keeps a cell inside one device's memory, and the small measurements every chapte
   float32 on a CPU), the book's checkpoint ($QWEN3MOE_MODEL_PATH or the embedded default) and the
   prompt. `chapter.model_for(tp, copies)` is the checkpoint a cell can run: the book's where its
   resident bytes per rank fit one device, else the embedded default, with a visible note why.
-  `run`, `build`, `ladder` and `hf_vs_ours` go through it, so no cell loads a 30B model onto one die,
+  `run`, `build`, `pair` and `ladder` go through it, so no cell loads a 30B model onto one die,
   and the Hugging Face model and ours never share a device.
 - `max_logit_diff`, `ops_of`, `op_histogram`: the correctness and operator counts of the chapters.
 - `show_table` prints the Markdown tables `tests/test_book_consistency.py` reads back; `human`
@@ -23,12 +23,12 @@ import torch
 
 from . import launch, platform, roofline
 from .config import ModelConfig, preset
+from .final import DTYPES, default_dtype
 from .parallel import TP
 from .steps import STEP_NAMES, STEPS, recipe_upto, step as ladder_step
 
 PROMPT = "The Ascend NPU decodes one token at a time."
 HEADROOM = 0.85        # weights may take this fraction of a device: the rest is the KV cache, workspace, runtime
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # ---- fitting a cell onto the devices ----------------------------------------------------------------
@@ -87,7 +87,7 @@ class Chapter:
         self.prompt = prompt
         self.device_kind = platform.detect_device()
         self.device = platform.torch_device(self.device_kind)
-        self.dtype = torch.float32 if self.device_kind == "cpu" else torch.bfloat16
+        self.dtype = DTYPES[default_dtype(self.device_kind)]       # the CLI's rule: bf16 on an accelerator
         self.model_path = book_checkpoint()
         self.embedded_path = default_checkpoint(quiet=True)
         self.embedded = os.path.realpath(self.model_path) == os.path.realpath(self.embedded_path)
@@ -175,9 +175,9 @@ class Chapter:
 def a3_columns() -> dict[str, dict[str, float]]:
     """Column header -> {step: predicted A3 ms per token}, for the book's configurations (roofline)."""
     cols = {}
+    first_tp = next(s.name for s in STEPS if s.tensor_parallel)
     for name, tp in roofline.BOOK_CONFIGS:
         label = name.removeprefix("qwen3-").upper()
-        first_tp = next(s.name for s in STEPS if s.tensor_parallel)
         cols[f"predicted A3 ms/token, {label} (TP {tp} from {first_tp})"] = {
             r["step"]: r["total_ms"] for r in roofline.predict_ladder(preset(name), tp)}
     return cols

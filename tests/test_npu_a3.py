@@ -4,6 +4,7 @@
 - the GE-compiled decode gives the eager NPU model's tokens, with one graph for a whole generation;
 - torchair's compile cache is written by one process and loaded, without compiling, by the next;
 - TP 2 over HCCL gives TP 1's tokens.
+- the book's fit check reads a die's memory and refuses 30B on one die; HF and ours on different dies.
 Skipped where torch_npu or an NPU is missing; run on the node with `pytest -m npu tests/test_npu_a3.py`
 (after `python -m qwen3moe_tutorial.preflight`). They use the embedded default checkpoint in bfloat16.
 """
@@ -76,3 +77,33 @@ def test_tp2_over_hccl_gives_the_tp1_tokens(tmp_path, tiny_ckpt):
     two = run_final(tmp_path, "tp2", "--model-path", tiny_ckpt, "--upto", "aiv", "--tp", "2")
     assert two["token_ids"] == one["token_ids"] and two["devices"] == 2
     assert two["env"]["HCCL_CONNECT_TIMEOUT"] and two["env"]["TASK_QUEUE_ENABLE"]      # the launcher's settings
+
+
+def test_book_reads_a_die_and_keeps_30b_off_one_die(monkeypatch):
+    """The book's fit check on the node (issue 18): a die's memory as torch_npu reports it, bfloat16,
+    Qwen3-30B-A3B refused at TP 1 and before the experts are split, accepted at TP 8 after."""
+    from qwen3moe_tutorial import book, platform
+    from qwen3moe_tutorial.config import preset
+
+    monkeypatch.delenv(platform.DEVICE_MEMORY_ENV, raising=False)
+    die = platform.device_memory_bytes("npu")
+    assert die == torch.npu.mem_get_info()[1] and die > 32 * 2**30
+    chapter = book.Chapter(quiet=True)
+    assert chapter.device_kind == "npu" and chapter.dtype == torch.bfloat16
+    q30 = preset("qwen3-30b-a3b")
+    assert not book.check_fit(q30, 1, dtype=torch.bfloat16, device_kind="npu").fits
+    assert not book.check_fit(q30, 8, dtype=torch.bfloat16, device_kind="npu", step="merged_qkv").fits
+    if device_count("npu") >= 8:
+        assert book.check_fit(q30, 8, dtype=torch.bfloat16, device_kind="npu").fits
+
+
+@pytest.mark.skipif(device_count("npu") < 2 if npu_available() else True, reason="needs 2 NPUs")
+def test_book_pair_puts_hf_and_ours_on_different_dies():
+    from qwen3moe_tutorial import book
+
+    chapter = book.Chapter("reference", quiet=True)
+    ours, hf, path = chapter.pair("reference")
+    assert ours.device != hf.device
+    ids = chapter.prompt_ids(path)
+    scale = hf.prefill(torch.tensor([ids], device=hf.device)).float().abs().max().item()
+    assert book.max_logit_diff(ours, hf, ids, n_steps=4) < 0.05 * scale      # bf16: chapter 2's bound
